@@ -112,6 +112,8 @@ class Hyperparameters:
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
     attn_backend: str = "auto"       # auto (fa3 if importable, else sdpa) | fa3 | sdpa
 
+    from_environment = frozenset()   # (not a setting) the names set in the environment, see from_env
+
     @classmethod
     def from_env(cls, environ) -> Hyperparameters:
         check_setting_names(environ)
@@ -140,7 +142,7 @@ class Hyperparameters:
         need(head_dim % 2 == 0, f"head dim {head_dim} (MODEL_DIM / NUM_HEADS) must be even for rotary")
         need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim}")
         need(0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n}: expected 0..NUM_LAYERS={self.num_layers}")
-        need(self.num_layers >= 1 and self.vocab_size >= 2, "NUM_LAYERS and VOCAB_SIZE must be positive")
+        need(self.num_layers >= 2, f"NUM_LAYERS={self.num_layers}: expected at least 2 (U-Net encoder and decoder)")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, f"BIGRAM_VOCAB_SIZE={self.bigram_vocab_size}: expected 0 (off) or at least 2")
         for layer in self.value_embedding_layers():
             need(0 <= layer < self.num_layers, f"VE_LAYERS={self.ve_layers!r}: layer {layer} is outside 0..{self.num_layers - 1}")
@@ -159,15 +161,15 @@ class Hyperparameters:
             raise ConfigError(f"VE_LAYERS={self.ve_layers!r}: expected comma-separated layer numbers, e.g. 9,10") from None
 
 
-class UserError(Exception):
-    """A problem with the settings or the input files: reported as one line, exit status 2."""
+class RunError(Exception):
+    """A problem with the settings, the input files or the run itself: reported as one line, exit status 2."""
 
 
-class ConfigError(UserError):
+class ConfigError(RunError):
     pass
 
 
-class DataError(UserError):
+class DataError(RunError):
     pass
 
 
@@ -308,3 +310,1081 @@ def shard_files(pattern: str, what: str) -> list[str]:
     if not files:
         raise DataError(f"no {what} shards match {pattern} (set DATA_PATH; see data/README.md)")
     return files
+
+
+class TokenStream:
+    """All training shards in sorted order, read as one endless stream of tokens."""
+
+    def __init__(self, pattern: str, vocab_size: int):
+        self.files = shard_files(pattern, "training")
+        if sum(read_shard_header(f) for f in self.files) == 0:  # checks every header before any work
+            raise DataError(f"the training shards matching {pattern} hold no tokens")
+        self.vocab_size = vocab_size
+        self.file_index = -1
+        self.tokens = np.zeros(0, dtype=SHARD_TOKEN_DTYPE)
+        self.pos = 0
+
+    def _next_file(self) -> None:
+        self.file_index = (self.file_index + 1) % len(self.files)
+        self.tokens = load_shard(self.files[self.file_index])
+        if self.tokens.size and int(self.tokens.max()) >= self.vocab_size:
+            raise DataError(f"{self.files[self.file_index]}: token id {int(self.tokens.max())} >= VOCAB_SIZE={self.vocab_size}")
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        chunks = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self._next_file()
+            k = min(n, len(self.tokens) - self.pos)
+            chunks.append(self.tokens[self.pos:self.pos + k])
+            self.pos += k
+            n -= k
+        return np.concatenate(chunks)
+
+
+class TrainLoader:
+    """Each step takes TRAIN_BATCH_TOKENS + 1 consecutive tokens (inputs and shifted targets) and gives
+    every rank a disjoint slice, cut into its micro-steps: the batch does not depend on the world size."""
+
+    def __init__(self, h: Hyperparameters, rt: Runtime):
+        self.stream = TokenStream(os.path.join(h.data_path, "fineweb_train_*.bin"), h.vocab_size)
+        self.batch_tokens, self.rank, self.device = h.train_batch_tokens, rt.rank, rt.device
+        self.rank_tokens = h.train_batch_tokens // rt.world_size
+        self.shape = (h.grad_accum_steps, rt.micro_batch_seqs, h.train_seq_len)
+        self.last = self.stream.take(1)
+        pinned = rt.device.type == "cuda"
+        self.host = torch.empty(self.rank_tokens + 1, dtype=torch.int32, pin_memory=pinned)
+        self.copied = torch.cuda.Event() if pinned else None
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        fresh = self.stream.take(self.batch_tokens)
+        span = np.concatenate([self.last, fresh])
+        self.last = fresh[-1:]
+        begin = self.rank * self.rank_tokens
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous batch has left the pinned buffer
+        self.host.numpy()[:] = span[begin:begin + self.rank_tokens + 1]
+        tokens = self.host.to(self.device, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        tokens = tokens.long()
+        return tokens[:-1].view(self.shape), tokens[1:].view(self.shape)
+
+
+def load_validation_tokens(h: Hyperparameters) -> Tensor:
+    pattern = os.path.join(h.data_path, "fineweb_val_*.bin")
+    tokens = np.concatenate([load_shard(f) for f in shard_files(pattern, "validation")])
+    if len(tokens) < h.eval_seq_len + 1:
+        raise DataError(f"the validation shards ({pattern}) hold {len(tokens)} tokens, fewer than one window of EVAL_SEQ_LEN={h.eval_seq_len} + 1")
+    if int(tokens.max()) >= h.vocab_size:
+        raise DataError(f"validation token id {int(tokens.max())} >= VOCAB_SIZE={h.vocab_size} (wrong tokenizer or VOCAB_SIZE?)")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+# =============================================================================================
+# Metric: bytes per token from the SentencePiece model
+# =============================================================================================
+
+@dataclass
+class ByteTables:
+    """Per token id: UTF-8 bytes without a leading space, whether a leading space ("▁") is counted, and
+    whether it is a boundary (control/unknown/unused, e.g. BOS) after which that space is not counted."""
+    base_bytes: Tensor
+    leading_space: Tensor
+    boundary: Tensor
+
+    def to(self, device) -> ByteTables:
+        return ByteTables(self.base_bytes.to(device), self.leading_space.to(device), self.boundary.to(device))
+
+
+def build_byte_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
+    import sentencepiece as spm
+    path = Path(tokenizer_path)
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer model not found (set TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    base = np.zeros(vocab_size, dtype=np.int64)
+    leading = np.zeros(vocab_size, dtype=bool)
+    boundary = np.zeros(vocab_size, dtype=bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            leading[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(leading), torch.from_numpy(boundary))
+
+
+def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
+    """Bytes of each target token given the token before it."""
+    space = tables.leading_space[target] & ~tables.boundary[prev]
+    return tables.base_bytes[target] + space.long()
+
+
+# =============================================================================================
+# Model
+# =============================================================================================
+
+try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
+    from flash_attn_interface import flash_attn_func as fa3_attention
+except ImportError:
+    fa3_attention = None
+
+# Parameter routing: every parameter gets one role where it is created (`tagged`); this table maps the
+# role to its optimiser and export category. `route_parameters` asserts that it covers everything once.
+ROUTES = {
+    # role       optimiser       export category
+    "attn":     ("muon",        "attn"),     # q, k, v, output projections
+    "mlp":      ("muon",        "mlp"),      # MLP matrices
+    "proj":     ("muon",        "proj"),     # projections of the side inputs (BigramHash, value embeddings)
+    "embed":    ("adam_embed",  "embed"),    # embedding tables
+    "control":  ("adam_scalar", "control"),  # gains, scales, mixes, gates, skip weights
+}
+
+
+def tagged(param: nn.Parameter, role: str) -> nn.Parameter:
+    assert role in ROUTES, role
+    param.role = role
+    return param
+
+
+def route_parameters(model: nn.Module) -> dict[str, str]:
+    routes = {name: getattr(p, "role", None) for name, p in model.named_parameters()}
+    untagged = [name for name, role in routes.items() if role is None]
+    assert not untagged, f"parameters without a role: {untagged}"
+    assert len({id(p) for p in model.parameters()}) == len(routes), "a parameter is registered twice"
+    return routes
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Module):
+    """x @ W^T with an fp32 master weight (matmuls run in bf16 under autocast). With late QAT the
+    weight goes through the export's per-row fake quantiser once its `qat_gate` buffer is set to 1:
+    a tensor, not a Python flag, so the switch takes effect inside an already compiled graph."""
+
+    def __init__(self, h: Hyperparameters, in_features: int, out_features: int, role: str, init: str, gain: float = 1.0):
+        super().__init__()
+        self.weight = tagged(nn.Parameter(torch.empty(out_features, in_features)), role)
+        if init == "zero":
+            nn.init.zeros_(self.weight)
+        elif min(in_features, out_features) >= 64:
+            nn.init.orthogonal_(self.weight)
+        else:  # tiny test models
+            nn.init.uniform_(self.weight, -in_features ** -0.5, in_features ** -0.5)
+        with torch.no_grad():
+            self.weight.mul_(gain)
+        fmt = export_format(h, role, self.weight.numel())
+        self.qat_bits = fmt[1] if h.late_qat_threshold > 0 and fmt[0] == "int" else 0
+        if self.qat_bits:
+            self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat_bits:  # straight-through: forward sees q(w), backward sees w
+            w = w + self.qat_gate * (fake_quantize(w, self.qat_bits) - w).detach()
+        return F.linear(x, w)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `dims` channels of each head (all when dims = 0)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        head_dim = h.model_dim // h.num_heads
+        self.dims = h.rope_dims or head_dim
+        inv_freq = 1.0 / h.rope_base ** (torch.arange(0, self.dims, 2, dtype=torch.float64) / self.dims)
+        angles = torch.outer(torch.arange(max(h.train_seq_len, h.eval_seq_len), dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
+        cos = self.cos[None, :x.size(1), None, :].to(x.dtype)
+        sin = self.sin[None, :x.size(1), None, :].to(x.dtype)
+        x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
+        rotated = (x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims:])
+        return torch.cat(rotated, dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D), Hkv dividing H. Returns (B, T, H, D)."""
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    if backend == "fa3":
+        out = fa3_attention(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (arXiv:2603.09078, PR #287): remove from each head's output its component along the
+    normalised value vector of the same position. With GQA the query heads of one kv group share
+    that v: y is viewed as (B, T, Hkv, group, D) and v broadcast, with no repeat_interleave or copy."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
+    return y.view(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.head_dim = h.model_dim // h.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = Linear(h, h.model_dim, h.model_dim, "attn", "ortho")
+        self.c_k = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
+        self.c_v = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
+        self.proj = Linear(h, h.model_dim, h.model_dim, "attn", "zero")
+        self.q_gain = tagged(nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init)), "control")
+        self.rotary = Rotary(h)
+        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.backend = h.attn_backend
+
+    def forward(self, x: Tensor, value_embed: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if value_embed is not None:
+            v = v + value_embed.view_as(v)
+        q = self.rotary(rms_norm(q))
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        k = self.rotary(rms_norm(k))
+        y = causal_attention(q, k, v, self.backend)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        hidden = int(h.mlp_mult * h.model_dim)
+        self.fc = Linear(h, h.model_dim, hidden, "mlp", "ortho")
+        self.proj = Linear(h, hidden, h.model_dim, "mlp", "zero")
+        self.leaky = h.mlp_act == "leaky_relu2"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc(x)
+        x = F.leaky_relu(x, 0.5) if self.leaky else F.relu(x)
+        return self.proj(x.square())
+
+
+class Block(nn.Module):
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        dim = h.model_dim
+        self.attn = Attention(h, layer)
+        self.mlp = MLP(h)
+        self.attn_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
+        self.mlp_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
+        self.resid_mix = tagged(nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)])), "control")  # x <- a*x + b*x0
+        self.input_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
+        self.ve_scale = tagged(nn.Parameter(torch.tensor(0.1)), "control") if layer in h.value_embedding_layers() else None
+
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None) -> Tensor:
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        ve = self.ve_scale * value_embed if self.ve_scale is not None else None
+        x = x + self.attn_scale * self.attn(rms_norm(x) * self.input_scale, ve)
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.input_scale)
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token), projected to the model width (PR #198)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.rows = h.bigram_vocab_size
+        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        nn.init.zeros_(tagged(self.embed.weight, "embed"))
+        self.proj = Linear(h, h.bigram_dim, h.model_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
+        self.scale = tagged(nn.Parameter(torch.tensor(0.05)), "control")
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(bigram_rows(idx, self.rows)))
+
+
+def bigram_rows(idx: Tensor, rows: int) -> Tensor:
+    """Row (36313*t[i] XOR 27191*t[i-1]) mod (rows-1); the first position of a sequence uses rows-1."""
+    hashed = torch.bitwise_xor(36313 * idx[:, 1:], 27191 * idx[:, :-1]) % (rows - 1)
+    return torch.cat([torch.full_like(idx[:, :1], rows - 1), hashed], dim=1)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1}, with a learned per-channel gate g = sigmoid(w), w = 0 at init."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.gate = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control")
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class ValueEmbedding(nn.Module):
+    """A second token embedding, projected to the key/value width and added to v in chosen blocks (PR #609)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
+        nn.init.normal_(tagged(self.embed.weight, "embed"), std=0.01)
+        kv_dim = h.num_kv_heads * (h.model_dim // h.num_heads)
+        self.proj = Linear(h, h.ve_dim, kv_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.proj(self.embed(idx))
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)  # tied: also the output layer
+        nn.init.normal_(tagged(self.tok_emb.weight, "embed"), std=h.tied_embed_init_std)
+        self.bigram = BigramHash(h) if h.bigram_vocab_size else None
+        self.smear = SmearGate(h)
+        self.value_embed = ValueEmbedding(h) if h.value_embedding_layers() else None
+        self.blocks = nn.ModuleList(Block(h, layer) for layer in range(h.num_layers))
+        # U-Net: the first half (encoder) pushes its outputs, the decoder pops them in reverse order.
+        self.num_encoder = h.num_layers // 2
+        num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
+        self.skip_weights = tagged(nn.Parameter(torch.ones(num_skips, h.model_dim)), "control")
+
+    def trunk(self, idx: Tensor) -> Tensor:
+        """The one forward pass shared by training and evaluation: tokens -> final normalised states."""
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = self.smear(rms_norm(x))
+        x0 = x
+        value_embed = self.value_embed(idx) if self.value_embed is not None else None
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0, value_embed if block.ve_scale is not None else None)
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.tok_emb.weight).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over all positions (training)."""
+        logits = self.logits(self.trunk(idx))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def token_nll(self, idx: Tensor, targets: Tensor, tail: int) -> Tensor:
+        """Cross-entropy of each of the last `tail` positions, shape (B, tail) (evaluation)."""
+        logits = self.logits(self.trunk(idx)[:, -tail:])
+        return F.cross_entropy(logits.flatten(0, 1), targets[:, -tail:].flatten(), reduction="none").view(idx.size(0), tail)
+
+
+def build_model(h: Hyperparameters) -> GPT:
+    """The same construction for training and for scoring a saved artifact; CPU, seeded init."""
+    torch.manual_seed(h.seed)
+    model = GPT(h)
+    route_parameters(model)
+    return model
+
+
+def set_late_qat(model: nn.Module, on: bool) -> int:
+    """Switch the fake quantiser of every quantised matrix; returns how many there are."""
+    gated = [m for m in model.modules() if isinstance(m, Linear) and m.qat_bits]
+    for module in gated:
+        module.qat_gate.fill_(float(on))
+    return len(gated)
+
+
+# =============================================================================================
+# Optimisers
+# =============================================================================================
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz iteration of Muon (modded-nanogpt)
+
+
+def newton_schulz(g: Tensor, steps: int) -> Tensor:
+    """Approximately orthogonalise every matrix of a (n, rows, cols) batch, in bf16."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if transposed else x
+
+
+class MuonBucket:
+    """Muon matrices of one shape. Each rank owns `per_rank` consecutive slots of the (padded) stack."""
+
+    def __init__(self, params: list[nn.Parameter], world_size: int):
+        self.params = params
+        self.per_rank = math.ceil(len(params) / world_size)
+        self.padding = [torch.zeros_like(params[0])] * (self.per_rank * world_size - len(params))
+        rows, cols = params[0].shape
+        self.update_scale = max(1.0, rows / cols) ** 0.5
+        self.momentum = None  # this rank's slots only
+
+
+class Optimizers:
+    """Muon for the block matrices, AdamW for embeddings and control tensors (routing: ROUTES).
+
+    One step: average the gradients over ranks (Muon buckets are reduce-scattered, so each rank holds
+    only the slots it orthogonalises; the rest is all-reduced), clip by the global norm, then Muon on
+    each rank's slots with the updates all-gathered, then AdamW. The arithmetic applied to each matrix
+    is the same for any world size."""
+
+    def __init__(self, model: nn.Module, routes: dict[str, str], h: Hyperparameters, rt: Runtime, orthogonalize):
+        self.h, self.rt, self.orthogonalize = h, rt, orthogonalize
+        named = dict(model.named_parameters())
+        group = {key: [named[n] for n, role in routes.items() if ROUTES[role][0] == key] for key in ("muon", "adam_embed", "adam_scalar")}
+        by_shape: dict[tuple, list] = {}
+        for p in group["muon"]:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.buckets = [MuonBucket(ps, rt.world_size) for ps in by_shape.values()]
+        self.adam_params = group["adam_embed"] + group["adam_scalar"]
+        self.adam = torch.optim.AdamW(
+            [dict(params=group["adam_embed"], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
+             dict(params=group["adam_scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)],
+            betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=rt.device.type == "cuda")
+
+    @torch.no_grad()
+    def step(self, lr_scale: float, momentum: float) -> None:
+        h, rt = self.h, self.rt
+        adam_grads = torch.cat([p.grad.flatten() for p in self.adam_params])
+        pending = dist.all_reduce(adam_grads, op=dist.ReduceOp.AVG, async_op=True) if rt.distributed else None
+        shards = []
+        for bucket in self.buckets:
+            stack = torch.stack([p.grad for p in bucket.params] + bucket.padding)
+            if rt.distributed:
+                shard = stack.new_empty((bucket.per_rank, *stack.shape[1:]))
+                dist.reduce_scatter_tensor(shard, stack, op=dist.ReduceOp.AVG)
+                stack = shard
+            shards.append(stack)
+        if pending is not None:
+            pending.wait()
+
+        if h.grad_clip_norm > 0:
+            square_sum = sum(s.float().square().sum() for s in shards)
+            if rt.distributed:
+                dist.all_reduce(square_sum)  # the ranks' slots are disjoint
+            total_norm = (square_sum + adam_grads.float().square().sum()).sqrt()
+            clip = (h.grad_clip_norm / (total_norm + 1e-6)).clamp(max=1.0)
+            adam_grads.mul_(clip)
+            for s in shards:
+                s.mul_(clip)
+
+        lr = h.matrix_lr * lr_scale
+        for bucket, grad in zip(self.buckets, shards):
+            if bucket.momentum is None:
+                bucket.momentum = torch.zeros_like(grad)
+            bucket.momentum.mul_(momentum).add_(grad)
+            update = self.orthogonalize(grad.add(bucket.momentum, alpha=momentum), h.muon_backend_steps)  # Nesterov
+            update = update * bucket.update_scale
+            if rt.distributed:
+                gathered = update.new_empty((bucket.per_rank * rt.world_size, *update.shape[1:]))
+                dist.all_gather_into_tensor(gathered, update)
+                update = gathered
+            torch._foreach_mul_(bucket.params, 1.0 - lr * h.muon_wd)
+            torch._foreach_add_(bucket.params, list(update[:len(bucket.params)].float().unbind(0)), alpha=-lr)
+
+        torch._foreach_copy_([p.grad for p in self.adam_params],
+                             [g.view_as(p) for g, p in zip(adam_grads.split([p.numel() for p in self.adam_params]), self.adam_params)])
+        for group in self.adam.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        self.adam.step()
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.grad = None
+        self.adam.zero_grad(set_to_none=True)
+
+
+def lr_scale_at(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Constant, then linear warm-down to 0. Under a time cap the warm-down lasts WARMDOWN_ITERS times
+    the mean step time so far and ends at the cap; otherwise it covers the last WARMDOWN_ITERS steps."""
+    if h.warmdown_iters <= 0:
+        return 1.0
+    if h.max_wallclock_seconds > 0:
+        if step == 0:
+            return 1.0
+        warmdown_ms = h.warmdown_iters * elapsed_ms / step
+        remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+        return min(remaining_ms / warmdown_ms, 1.0)
+    return min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
+
+
+def muon_momentum_at(h: Hyperparameters, step: int) -> float:
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+# =============================================================================================
+# Weight averaging
+# =============================================================================================
+
+class WeightAverager:
+    """EMA of every parameter (updated every step) or SWA (uniform mean of snapshots taken every
+    SWA_EVERY steps once the LR scale is below SWA_THRESHOLD), in fp32; `apply` loads it into the
+    model before export."""
+
+    def __init__(self, model: nn.Module, h: Hyperparameters):
+        self.h = h
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params] if h.weight_avg == "ema" else None
+        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if h.weight_avg == "swa" else None
+        self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step: int, lr_scale: float) -> None:
+        if self.shadow is not None:
+            torch._foreach_lerp_(self.shadow, self.params, 1.0 - self.h.ema_decay)
+        elif self.swa_sum is not None and lr_scale < self.h.swa_threshold and step % self.h.swa_every == 0:
+            torch._foreach_add_(self.swa_sum, self.params)
+            self.swa_count += 1
+
+    @torch.no_grad()
+    def apply(self) -> str:
+        if self.shadow is not None:
+            torch._foreach_copy_(self.params, self.shadow)
+            return f"weight_avg:ema decay:{self.h.ema_decay} applied"
+        if self.swa_sum is None:
+            return "weight_avg:none (live weights exported)"
+        if self.swa_count == 0:
+            return f"weight_avg:swa took no snapshot (the LR scale never fell below {self.h.swa_threshold}): live weights exported"
+        torch._foreach_copy_(self.params, torch._foreach_div(self.swa_sum, float(self.swa_count)))
+        return f"weight_avg:swa snapshots:{self.swa_count} applied"
+
+
+# =============================================================================================
+# Quantisation and export
+# =============================================================================================
+
+SIZE_CAP_BYTES = 16_000_000      # artifact + code, decimal
+SMALL_TENSOR_NUMEL = 65_536      # quantisable tensors this small are stored as fp16
+EMBED_CLIP_QUANTILE = 0.9999984  # int8 embeddings clip each row at this quantile of |w|
+FP16_MIN_NORMAL = 2.0 ** -14
+ZSTD_LEVEL = 22
+ARTIFACT_MAGIC = b"PGOLF-ARTIFACT\x00\x01"
+
+try:
+    import zstandard
+except ImportError:
+    zstandard = None
+
+
+def export_format(h: Hyperparameters, role: str, numel: int) -> tuple:
+    """("int", bits, clip quantile) | ("fp16",) | ("fp32",) for a parameter of this role and size."""
+    category = ROUTES[role][1]
+    if category == "control":
+        return ("fp32",)
+    if numel <= SMALL_TENSOR_NUMEL:
+        return ("fp16",)
+    bits = {"attn": h.attn_bits, "mlp": h.mlp_bits, "embed": h.embed_bits, "proj": 8}[category]
+    return ("int", bits, EMBED_CLIP_QUANTILE if category == "embed" else 1.0)
+
+
+def quantize_rows(w: Tensor, bits: int, clip: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] and one fp16 scale per row.
+    The scale is rounded up to an fp16 value, so unclipped weights are off by at most scale / 2."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float()
+    magnitude = w.abs().amax(dim=1) if clip >= 1.0 else torch.quantile(w.abs(), clip, dim=1)
+    scale = (magnitude / qmax).clamp_min(FP16_MIN_NORMAL)
+    scale16 = scale.half()
+    scale16 = torch.where(scale16.float() < scale, (scale * (1 + 2.0 ** -10)).half(), scale16)
+    q = torch.clamp(torch.round(w / scale16.float()[:, None]), -qmax, qmax)
+    return q.to(torch.int8), scale16
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def fake_quantize(w: Tensor, bits: int) -> Tensor:
+    return dequantize_rows(*quantize_rows(w, bits))
+
+
+def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], config: dict) -> bytes:
+    """The uncompressed container: magic, 4-byte header length, a JSON header naming every tensor
+    (encoding, shape, byte ranges), then raw little-endian arrays grouped by kind. No pickle."""
+    sections: dict[str, list[bytes]] = {"int": [], "scale": [], "fp16": [], "fp32": []}
+    sizes = dict.fromkeys(sections, 0)
+    entries = []
+
+    def put(kind: str, array: np.ndarray) -> list[int]:
+        data = array.tobytes()
+        sections[kind].append(data)
+        sizes[kind] += len(data)
+        return [kind, sizes[kind] - len(data), len(data)]
+
+    for name, tensor in state.items():
+        fmt = formats[name]
+        entry = {"name": name, "shape": list(tensor.shape), "encoding": fmt[0]}
+        if fmt[0] == "int":
+            q, scale = quantize_rows(tensor, fmt[1], fmt[2])
+            entry.update(bits=fmt[1], data=put("int", q.numpy()), scale=put("scale", scale.numpy().astype("<f2")))
+        elif fmt[0] == "fp16":
+            entry["data"] = put("fp16", tensor.half().numpy().astype("<f2"))
+        else:
+            entry["data"] = put("fp32", tensor.float().numpy().astype("<f4"))
+        entries.append(entry)
+    base, offset = {}, 0
+    for kind in sections:
+        base[kind], offset = offset, offset + sizes[kind]
+    for entry in entries:
+        for key in ("data", "scale"):
+            if key in entry:
+                kind, start, length = entry[key]
+                entry[key] = [base[kind] + start, length]
+    header = json.dumps({"format": 1, "config": config, "tensors": entries}).encode()
+    payload = b"".join(b"".join(chunks) for chunks in sections.values())
+    return ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + payload
+
+
+def unpack_artifact(container: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict]:
+    """Inverse of pack_artifact: fp32 tensors (dequantised) and the saved settings."""
+    if not container.startswith(ARTIFACT_MAGIC):
+        raise DataError(f"{source}: not an artifact of this script (bad magic)")
+    start = len(ARTIFACT_MAGIC) + 4
+    header_len = int.from_bytes(container[len(ARTIFACT_MAGIC):start], "little")
+    header = json.loads(container[start:start + header_len])
+    payload = memoryview(container)[start + header_len:]
+    dtypes = {"int": np.int8, "scale": np.dtype("<f2"), "fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+
+    def read(span: list[int], dtype, count: int) -> np.ndarray:
+        offset, length = span
+        if offset < 0 or offset + length > len(payload) or length != count * np.dtype(dtype).itemsize:
+            raise DataError(f"{source}: tensor byte range {span} does not fit the payload (truncated or corrupt)")
+        return np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+
+    state = {}
+    for e in header["tensors"]:
+        shape, count = e["shape"], math.prod(e["shape"])
+        if e["encoding"] == "int":
+            q = torch.from_numpy(read(e["data"], dtypes["int"], count).copy()).view(shape)
+            scale = torch.from_numpy(read(e["scale"], dtypes["scale"], shape[0]).copy())
+            state[e["name"]] = dequantize_rows(q, scale)
+        else:
+            state[e["name"]] = torch.from_numpy(read(e["data"], dtypes[e["encoding"]], count).astype(np.float32)).view(shape)
+    return state, header["config"]
+
+
+def require_zstandard() -> None:
+    if zstandard is None:
+        raise ConfigError("the zstandard package is missing (pip install zstandard): the artifact is zstd-compressed "
+                          "and there is no fallback, since another compressor would change the byte count")
+
+
+def export_artifact(model: nn.Module, routes: dict[str, str], h: Hyperparameters, path: Path) -> int:
+    """Quantise, pack, compress and write the model (temporary name, then rename); return its bytes."""
+    state = {name: p.detach().float().cpu() for name, p in model.state_dict().items()}
+    assert state.keys() == routes.keys(), "the state holds tensors that are not routed parameters"
+    formats = {name: export_format(h, routes[name], t.numel()) for name, t in state.items()}
+    blob = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(pack_artifact(state, formats, asdict(h)))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return len(blob)
+
+
+def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
+    if not path.is_file():
+        raise DataError(f"{path}: artifact not found")
+    try:
+        container = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+    except zstandard.ZstdError as e:
+        raise DataError(f"{path}: not a zstd artifact ({e})") from None
+    return unpack_artifact(container, str(path))
+
+
+# =============================================================================================
+# Evaluation
+# =============================================================================================
+
+def sliding_windows(n_targets: int, window: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window starts and, per window, the first scored position. The first window scores all its
+    positions, each later one its last `stride`; the final window is placed to end exactly at the last
+    target and scores only what is new. Every target is scored exactly once, with up to
+    window - stride tokens of context. Window k reads tokens[s : s+window+1] for start s."""
+    starts = np.arange(0, n_targets - window + 1, stride, dtype=np.int64)
+    if starts[-1] != n_targets - window:
+        starts = np.append(starts, n_targets - window)
+    previous_end = np.concatenate([[0], starts[:-1] + window])
+    return starts, previous_end - starts
+
+
+def disjoint_windows(n_targets: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows, each scored fully; the ragged tail is dropped so every rank agrees."""
+    starts = np.arange(0, n_targets - window + 1, window, dtype=np.int64)
+    return starts, np.zeros_like(starts)
+
+
+class Evaluator:
+    """Scores the validation stream: summed nats, tokens and bytes in float64, all-reduced over ranks."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Tensor, tables: ByteTables):
+        self.h, self.rt = h, rt
+        self.token_nll = torch.compile(model.token_nll, dynamic=False, fullgraph=True) if rt.compile else model.token_nll
+        self.tokens = val_tokens.to(rt.device)
+        self.tables = tables.to(rt.device)
+
+    @torch.no_grad()
+    def score(self, sliding: bool) -> tuple[float, float, float]:
+        """(val_loss in nats per token, val_bpb, eval milliseconds)."""
+        h, rt = self.h, self.rt
+        synchronize(rt)
+        t0 = time.perf_counter()
+        window, n_targets = h.eval_seq_len, self.tokens.numel() - 1
+        totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+        if sliding:
+            starts, first = sliding_windows(n_targets, window, h.eval_stride)
+            if rt.master:  # the first window scores all its positions
+                totals += self._score(starts[:1], first[:1], window)
+            starts, first, tail = starts[1:], first[1:], h.eval_stride
+        else:
+            (starts, first), tail = disjoint_windows(n_targets, window), window
+        mine = slice(rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size)
+        totals += self._score(starts[mine], first[mine], tail)
+        if rt.distributed:
+            dist.all_reduce(totals)
+        loss_sum, tokens, n_bytes = totals.tolist()
+        synchronize(rt)
+        return loss_sum / tokens, loss_sum / (math.log(2) * n_bytes), 1000 * (time.perf_counter() - t0)
+
+    def _score(self, starts: np.ndarray, first: np.ndarray, tail: int) -> Tensor:
+        """Sums over windows that score positions >= first[i] (always within the last `tail`)."""
+        h, device, window = self.h, self.rt.device, self.h.eval_seq_len
+        batch = h.eval_batch_seqs
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        offsets = torch.arange(window + 1, device=device)
+        positions = torch.arange(window - tail, window, device=device)
+        for i in range(0, len(starts), batch):
+            s = torch.zeros(batch, dtype=torch.long)  # padded to a fixed batch: one compiled shape
+            f = torch.full((batch,), window, dtype=torch.long)  # padding scores nothing
+            n = min(batch, len(starts) - i)
+            s[:n], f[:n] = torch.from_numpy(starts[i:i + n]), torch.from_numpy(first[i:i + n])
+            s, f = s.to(device), f.to(device)
+            tokens = self.tokens[s[:, None] + offsets]
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            with autocast(self.rt):
+                nll = self.token_nll(x, y, tail)
+            scored = positions[None, :] >= f[:, None]
+            n_bytes = target_bytes(x[:, -tail:], y[:, -tail:], self.tables)
+            totals += torch.stack([(nll.double() * scored).sum(), scored.sum().double(), (n_bytes * scored).sum().double()])
+        return totals
+
+
+# =============================================================================================
+# Main: runtime, log, training, export
+# =============================================================================================
+
+@dataclass
+class Runtime:
+    """Where and how this process runs: one GPU per rank under torchrun, or the CPU."""
+    rank: int
+    world_size: int
+    device: torch.device
+    micro_batch_seqs: int
+    compile: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(h: Hyperparameters, environ) -> Runtime:
+    """Distributed and compile setup in one place; resolves the "auto" settings in h (they are logged)."""
+    world_size, rank = int(environ.get("WORLD_SIZE", "1")), int(environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if h.grad_accum_steps == 0:
+        h.grad_accum_steps = max(1, 8 // world_size)
+    if h.compile == "auto":
+        h.compile = "1" if cuda else "0"
+    hopper = cuda and torch.cuda.get_device_capability(device)[0] == 9
+    if h.attn_backend == "auto":
+        h.attn_backend = "fa3" if fa3_attention is not None and hopper else "sdpa"
+    elif h.attn_backend == "fa3" and not (fa3_attention is not None and hopper):
+        raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
+    pieces = world_size * h.grad_accum_steps * h.train_seq_len
+    if h.train_batch_tokens % pieces:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of world size {world_size} x "
+                          f"GRAD_ACCUM_STEPS={h.grad_accum_steps} x TRAIN_SEQ_LEN={h.train_seq_len} = {pieces}")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Runtime(rank, world_size, device, h.train_batch_tokens // pieces, h.compile == "1")
+
+
+def synchronize(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+def autocast(rt: Runtime):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def rank_mean(values: list, rt: Runtime) -> list[float]:
+    """Average scalars over ranks, so that every rank takes the same decisions; one host sync."""
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=rt.device) for v in values])
+    if rt.distributed:
+        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+    return stats.tolist()
+
+
+class RunLog:
+    """Rank 0 writes logs/<RUN_ID>.txt (named .part until the run ends) and echoes to stdout."""
+
+    def __init__(self, path: Path, master: bool):
+        self.path, self.part = path, path.with_name(path.name + ".part")
+        self.file = open(self.part, "w", encoding="utf-8") if master else None
+
+    def __call__(self, line: str, console: bool = True) -> None:
+        if self.file is None:
+            return
+        if console:
+            print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            os.replace(self.part, self.path)
+
+
+def claim_run_paths(h: Hyperparameters, rt: Runtime) -> tuple[Path, Path]:
+    """logs/<RUN_ID>.txt and logs/<RUN_ID>.model.zst; an earlier run's files are never overwritten."""
+    if not h.run_id:
+        stamp = [time.strftime("%Y%m%d_%H%M%S_") + os.urandom(2).hex()]
+        if rt.distributed:
+            dist.broadcast_object_list(stamp, src=0)
+        h.run_id = stamp[0]
+    log_path, artifact_path = Path("logs") / f"{h.run_id}.txt", Path("logs") / f"{h.run_id}.model.zst"
+    taken = [p for p in (log_path, artifact_path, log_path.with_name(log_path.name + ".part")) if p.exists()]
+    if taken:
+        raise ConfigError(f"RUN_ID={h.run_id} was used before ({taken[0]} exists): choose another RUN_ID")
+    if rt.distributed:
+        dist.barrier()  # every rank checked before rank 0 creates the log
+    if rt.master:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    return log_path, artifact_path
+
+
+def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
+    import hashlib
+    source = Path(__file__).read_bytes()
+    log(f"==== source: {Path(__file__).name} bytes:{len(source)} sha256:{hashlib.sha256(source).hexdigest()} ====", console=False)
+    text = source.decode("utf-8")
+    log(text[:-1] if text.endswith("\n") else text, console=False)
+    log("==== end of source ====", console=False)
+    for f in fields(h):
+        log(f"setting {f.name.upper()}={getattr(h, f.name)}")
+    log(f"versions python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda}")
+    if rt.device.type == "cuda":
+        for i in range(torch.cuda.device_count()):
+            log(f"gpu {i}: {torch.cuda.get_device_name(i)}")
+    else:
+        log("gpu none (cpu)")
+    log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
+    log(f"attention_backend:{h.attn_backend}")
+    head_dim = h.model_dim // h.num_heads
+    log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
+
+
+def log_sizes(log: RunLog, artifact_bytes: int) -> int:
+    code_bytes = len(Path(__file__).read_bytes())
+    log(f"Serialized model int6+zstd: {artifact_bytes} bytes")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size int6+zstd: {artifact_bytes + code_bytes} bytes")
+    return artifact_bytes + code_bytes
+
+
+def log_final_scores(log: RunLog, evaluator: Evaluator, h: Hyperparameters) -> None:
+    loss, bpb, ms = evaluator.score(sliding=False)
+    log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+    log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    loss, bpb, ms = evaluator.score(sliding=True)
+    log(f"final_int6_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride} eval_time:{ms:.0f}ms")
+    log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+
+
+def check_size_cap(total_bytes: int) -> None:
+    if total_bytes > SIZE_CAP_BYTES:
+        raise RunError(f"total submission size {total_bytes} bytes is over the {SIZE_CAP_BYTES:,}-byte cap by {total_bytes - SIZE_CAP_BYTES} bytes")
+
+
+def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """Train until ITERATIONS or the time cap, then load the weight average into `model`."""
+    train_model = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+    orthogonalize = torch.compile(newton_schulz, dynamic=False, fullgraph=True) if rt.compile else newton_schulz
+    loader = TrainLoader(h, rt)
+
+    def run_step(opt: Optimizers, batch: tuple[Tensor, Tensor], lr_scale: float, momentum: float) -> Tensor:
+        x, y = batch
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro in range(h.grad_accum_steps):
+            with autocast(rt):
+                loss = train_model(x[micro], y[micro])
+            (loss / h.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        opt.step(lr_scale, momentum)
+        return loss_sum / h.grad_accum_steps
+
+    if h.warmup_steps > 0:  # prime the compiled kernels, then undo every trace of it
+        t0 = time.perf_counter()
+        initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        opt = Optimizers(model, routes, h, rt, orthogonalize)
+        for _ in range(h.warmup_steps):
+            run_step(opt, loader.next_batch(), 1.0, h.muon_momentum_warmup_start)
+        model.load_state_dict(initial)
+        loader = TrainLoader(h, rt)
+        synchronize(rt)
+        log(f"warmup: {h.warmup_steps} priming steps in {time.perf_counter() - t0:.1f}s; weights, optimiser state and data stream restored")
+
+    opt = Optimizers(model, routes, h, rt, orthogonalize)
+    averager = WeightAverager(model, h)
+    cap_ms = 1000.0 * h.max_wallclock_seconds
+    step, training_ms, elapsed_ms, lr_scale, stop, qat_on = 0, 0.0, 0.0, 1.0, False, False
+    batch = loader.next_batch()
+    synchronize(rt)
+    t0 = time.perf_counter()
+    while True:
+        last = stop or step >= h.iterations
+        if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):  # the clock pauses here
+            synchronize(rt)
+            training_ms += 1000 * (time.perf_counter() - t0)
+            val_loss, val_bpb, _ = evaluator.score(sliding=False)
+            log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
+            t0 = time.perf_counter()
+        if last:
+            break
+        if h.late_qat_threshold > 0 and not qat_on and lr_scale < h.late_qat_threshold:
+            qat_on = True
+            log(f"late_qat: on from step:{step} lr_scale:{lr_scale:.4f} matrices:{set_late_qat(model, True)}")
+        loss = run_step(opt, batch, lr_scale, muon_momentum_at(h, step))
+        batch = loader.next_batch()  # host work overlaps the GPU finishing this step
+        step += 1
+        averager.update(step, lr_scale)
+        synchronize(rt)
+        previous_ms = elapsed_ms
+        train_loss, elapsed_ms = rank_mean([loss, training_ms + 1000 * (time.perf_counter() - t0)], rt)
+        if not math.isfinite(train_loss):
+            raise RunError(f"train_loss is {train_loss} at step {step}: stopping (check the data and the learning rates)")
+        if step % h.train_log_every == 0 or step <= 10:
+            log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+        lr_scale = lr_scale_at(h, step, elapsed_ms)
+        next_step_ms = max(elapsed_ms / step, elapsed_ms - previous_ms)
+        if cap_ms > 0 and elapsed_ms + next_step_ms > cap_ms:  # never start a step that would end past the cap
+            stop = True
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    log(averager.apply())
+    set_late_qat(model, False)
+
+
+def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path: Path) -> None:
+    tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_validation_tokens(h)
+    model = build_model(h).to(rt.device)
+    routes = route_parameters(model)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} xsa_layers:{h.xsa_last_n} weight_avg:{h.weight_avg}")
+    evaluator = Evaluator(model, h, rt, val_tokens, tables)
+    train(model, routes, evaluator, h, rt, log)
+
+    val_loss, val_bpb, ms = evaluator.score(sliding=False)
+    log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
+    if rt.master:
+        export_artifact(model, routes, h, artifact_path)
+        log(f"artifact: {artifact_path}")
+    if rt.distributed:
+        dist.barrier()
+    state, _ = load_artifact(artifact_path)  # the score is always that of the bytes on disk
+    model.load_state_dict(state)
+    total = log_sizes(log, artifact_path.stat().st_size)
+    log_final_scores(log, evaluator, h)
+    check_size_cap(total)
+
+
+# Settings that fix the shape of the saved weights: re-scoring takes them from the artifact.
+MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
+                  "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n", "bigram_vocab_size",
+                  "bigram_dim", "ve_layers", "ve_dim")
+
+
+def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """Score a saved artifact on the validation shards, without training."""
+    path = Path(h.eval_artifact)
+    state, config = load_artifact(path)
+    for name in MODEL_SETTINGS:
+        if getattr(h, name) != config[name]:
+            if name in h.from_environment:
+                raise ConfigError(f"{name.upper()}={getattr(h, name)} but {path} was trained with {name.upper()}={config[name]}")
+            setattr(h, name, config[name])
+    log("rescore: model settings from the artifact: " + " ".join(f"{n.upper()}={config[n]}" for n in MODEL_SETTINGS))
+    tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_validation_tokens(h)
+    model = build_model(h).to(rt.device)
+    model.load_state_dict(state)
+    total = log_sizes(log, path.stat().st_size)
+    log_final_scores(log, Evaluator(model, h, rt, val_tokens, tables), h)
+    check_size_cap(total)
+
+
+def main() -> None:
+    h = Hyperparameters.from_env(os.environ)
+    require_zstandard()
+    rt = setup_runtime(h, os.environ)
+    try:
+        log_path, artifact_path = claim_run_paths(h, rt)
+        log = RunLog(log_path, rt.master)
+        try:
+            log_header(log, h, rt)
+            if h.eval_artifact:
+                rescore(h, rt, log)
+            else:
+                train_and_export(h, rt, log, artifact_path)
+        except RunError as e:
+            log(f"error: {e}", console=False)
+            raise
+        finally:
+            log.close()
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RunError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
