@@ -38,37 +38,37 @@ class Hyperparameters:
 
     # ---- data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # holds fineweb_{train,val}_*.bin
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model of the shards
     run_id: str = ""                 # names logs/<RUN_ID>.txt and logs/<RUN_ID>.model.zst; "" = time stamp
-    seed: int = 1337
+    seed: int = 1337                 # model initialisation
     eval_artifact: str = ""          # path of a saved artifact: score it on the validation set, no training
 
     # ---- model shape
     vocab_size: int = 1024           # must equal the tokenizer's vocabulary
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
+    num_layers: int = 11             # transformer blocks (at least 2: U-Net encoder and decoder)
+    model_dim: int = 512             # residual width
+    num_heads: int = 8               # query heads; head dim = MODEL_DIM / NUM_HEADS
     num_kv_heads: int = 4            # grouped-query attention: num_heads must be a multiple
     mlp_mult: float = 3.0            # MLP hidden width = mlp_mult * model_dim
     mlp_act: str = "relu2"           # relu2 | leaky_relu2 (LeakyReLU(0.5)^2, PR #1125)
     logit_softcap: float = 30.0      # logits = c * tanh(z / c)
     # The records build rotary for a hard-coded length of 1024 and NTK-rescale the base at 2048, which
     # gives 10000 * 2**(64/62) = 20452; here the base is the one actually used, at every length.
-    rope_base: float = 20452.0
+    rope_base: float = 20452.0       # rotary base, the one actually used (see above)
     rope_dims: int = 0               # rotary on the first ROPE_DIMS dims of each head; 0 = all
     ln_scale: bool = False           # scale each block's normalised input by 1/sqrt(layer+1)
     qk_gain_init: float = 1.5        # initial per-head gain on the queries
     xsa_last_n: int = 4              # exclusive self attention on the last N blocks (0..NUM_LAYERS)
     bigram_vocab_size: int = 2048    # BigramHash rows; 0 = off
-    bigram_dim: int = 128
+    bigram_dim: int = 128            # width of a BigramHash row
     ve_layers: str = ""              # value embeddings added to v in these blocks, e.g. "9,10"; "" = off
-    ve_dim: int = 128
-    tied_embed_init_std: float = 0.005
+    ve_dim: int = 128                # width of a value-embedding row
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding
 
     # ---- training schedule
-    iterations: int = 9000
+    iterations: int = 9000           # step limit; the time cap usually ends training first
     train_batch_tokens: int = 786_432   # global tokens per step, over all ranks and micro-steps
-    train_seq_len: int = 2048
+    train_seq_len: int = 2048        # tokens per training sequence
     grad_accum_steps: int = 0        # micro-steps per rank; 0 = 8 // world size
     max_wallclock_seconds: float = 600.0  # training-time cap; 0 = none
     warmup_steps: int = 20           # compile-priming steps, undone before the clock starts
@@ -79,19 +79,19 @@ class Hyperparameters:
     matrix_lr: float = 0.025         # Muon, block matrices
     scalar_lr: float = 0.025         # AdamW, vectors and scalars
     tied_embed_lr: float = 0.035     # AdamW, embeddings
-    muon_momentum: float = 0.99
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
+    muon_momentum: float = 0.99      # after the warm-up
+    muon_momentum_warmup_start: float = 0.92  # at step 0, then linear ...
+    muon_momentum_warmup_steps: int = 1500    # ... over this many steps
     muon_backend_steps: int = 5      # Newton-Schulz iterations
     muon_wd: float = 0.04            # decoupled: p <- p * (1 - lr * wd)
-    adam_wd: float = 0.04
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
+    adam_wd: float = 0.04            # decoupled, every AdamW group
+    beta1: float = 0.9               # AdamW
+    beta2: float = 0.95              # AdamW
+    adam_eps: float = 1e-8           # AdamW
 
     # ---- weight averaging and late QAT
     weight_avg: str = "ema"          # ema | swa | none: what is loaded before export
-    ema_decay: float = 0.997
+    ema_decay: float = 0.997         # shadow <- decay * shadow + (1 - decay) * weights, every step
     swa_every: int = 50              # steps between SWA snapshots ...
     swa_threshold: float = 0.5       # ... once the LR scale is below this (PR #265)
     late_qat_threshold: float = 0.0  # fake-quantise matrices once the LR scale is below this; 0 = off
@@ -102,11 +102,11 @@ class Hyperparameters:
     embed_bits: int = 8              # ... of embedding tables
 
     # ---- evaluation and logging
-    eval_seq_len: int = 2048
+    eval_seq_len: int = 2048         # evaluation window
     eval_stride: int = 64            # sliding-window stride, the submission score
     eval_batch_seqs: int = 32        # windows per forward pass per rank
     val_loss_every: int = 4000       # steps between validations; 0 = only after the last step
-    train_log_every: int = 100
+    train_log_every: int = 100       # steps between train_loss lines (steps 1-10 always)
 
     # ---- machine
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
@@ -185,6 +185,11 @@ RETIRED_SETTINGS = {
     "VE_ENABLED": "use VE_LAYERS (e.g. VE_LAYERS=9,10; empty = off)",
     "LN_SCALE_ENABLED": "use LN_SCALE",
 }
+# Families of record-script settings for features this script does not have.
+RETIRED_PREFIXES = {
+    "TTT_": "test-time training is not implemented in this script",
+    "MTP_": "multi-token prediction heads are not implemented in this script",
+}
 # First words of settings that are also common in unrelated environment variables (MAX_JOBS, ...).
 GENERIC_PREFIXES = {"MAX", "DATA", "RUN", "MODEL", "NUM", "SEED", "COMPILE", "ITERATIONS", "WEIGHT", "GRAD"}
 
@@ -203,6 +208,9 @@ def check_setting_names(environ) -> None:
             continue
         if name in RETIRED_SETTINGS:
             raise ConfigError(f"{name} is not a setting of this script: {RETIRED_SETTINGS[name]}")
+        for prefix, reason in RETIRED_PREFIXES.items():
+            if name.startswith(prefix):
+                raise ConfigError(f"unknown setting {name}: {reason}")
         close = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.8)
         if close:
             raise ConfigError(f"unknown setting {name}: did you mean {close[0]}? (see the settings table in README.md)")
