@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
+
+import tiny_data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """(shard dir, tokenizer model) of the generated corpus in tests/tiny_data.py."""
+    return tiny_data.build(tmp_path_factory.mktemp("tiny"))
+
+
+# A model small enough for a CPU step in milliseconds; every test run starts from these settings.
+TINY_SETTINGS = dict(
+    VOCAB_SIZE=str(tiny_data.VOCAB_SIZE), NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+    XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
+    EVAL_STRIDE="16", EVAL_BATCH_SEQS="8", TRAIN_BATCH_TOKENS="1024", ITERATIONS="20", WARMUP_STEPS="2",
+    WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="5",
+    MUON_MOMENTUM_WARMUP_STEPS="10", EMA_DECAY="0.9", COMPILE="0",
+)
+
+
+def clean_environ() -> dict:
+    """The current environment without anything that looks like a setting of train_gpt.py."""
+    import train_gpt
+    names = train_gpt.setting_names() | set(train_gpt.LEGACY_SETTINGS) | set(train_gpt.RETIRED_SETTINGS)
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def run_script(cwd: Path, corpus, nproc: int = 1, timeout: int = 300, **settings) -> subprocess.CompletedProcess:
+    """Run train_gpt.py (plainly, or under torchrun with nproc processes) in `cwd`."""
+    data, tokenizer = corpus
+    env = clean_environ() | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), OMP_NUM_THREADS="1") | TINY_SETTINGS
+    env |= {k: str(v) for k, v in settings.items()}
+    script = str(REPO / "train_gpt.py")
+    command = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run(tmp_path, tiny_corpus):
+    def runner(nproc: int = 1, **settings):
+        return run_script(tmp_path, tiny_corpus, nproc=nproc, **settings)
+    runner.cwd = tmp_path
+    return runner

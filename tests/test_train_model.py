@@ -1,0 +1,89 @@
+"""Model pieces against plain reference formulations."""
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+
+def tiny_h(**kw):
+    base = dict(vocab_size=96, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
+                bigram_dim=16, train_seq_len=32, eval_seq_len=32, xsa_last_n=2, rope_dims=8)
+    return tg.Hyperparameters(**(base | kw))
+
+
+def test_gqa_xsa_equals_repeat_interleave_formulation():
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 5, 8, 2, 16
+    y, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D)
+    v_full = v.repeat_interleave(H // Hkv, dim=2)  # query head h uses kv head h // group
+    v_hat = v_full / v_full.norm(dim=-1, keepdim=True)
+    expected = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+    torch.testing.assert_close(tg.exclusive_self_attention(y, v), expected)
+    out = tg.exclusive_self_attention(y, v)
+    assert (out * v_hat).sum(-1).abs().max() < 1e-5  # nothing left along each head's own value
+
+
+def test_gqa_attention_equals_repeated_kv():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 7, 8, 16), torch.randn(2, 7, 2, 16), torch.randn(2, 7, 2, 16)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(4, 2).transpose(1, 2),
+                                              v.repeat_interleave(4, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(tg.causal_attention(q, k, v, "sdpa"), expected)
+
+
+def test_xsa_only_on_the_last_blocks():
+    model = tg.build_model(tiny_h(xsa_last_n=2))
+    assert [b.attn.xsa for b in model.blocks] == [False, False, True, True]
+    assert not any(b.attn.xsa for b in tg.build_model(tiny_h(xsa_last_n=0)).blocks)
+
+
+def test_bigram_rows():
+    idx = torch.tensor([[3, 7, 1]])
+    rows = tg.bigram_rows(idx, 2048)
+    assert rows.tolist() == [[2047, (36313 * 7 ^ 27191 * 3) % 2047, (36313 * 1 ^ 27191 * 7) % 2047]]
+
+
+def test_smear_gate_mixes_the_previous_position():
+    gate = tg.SmearGate(tiny_h())
+    with torch.no_grad():
+        gate.gate.fill_(0.0)  # g = 0.5
+    x = torch.randn(1, 3, 64)
+    out = gate(x)
+    torch.testing.assert_close(out[:, 0], 0.5 * x[:, 0])
+    torch.testing.assert_close(out[:, 2], 0.5 * x[:, 2] + 0.5 * x[:, 1])
+
+
+def test_every_parameter_is_routed_once():
+    model = tg.build_model(tiny_h(ve_layers="2,3", ve_dim=8))
+    routes = tg.route_parameters(model)
+    assert routes.keys() == dict(model.named_parameters()).keys()
+    assert routes["blocks.0.attn.c_q.weight"] == "attn" and routes["blocks.1.mlp.fc.weight"] == "mlp"
+    assert routes["tok_emb.weight"] == "embed" and routes["bigram.embed.weight"] == "embed"
+    assert routes["bigram.proj.weight"] == "proj" and routes["blocks.3.ve_scale"] == "control"
+    assert "blocks.0.ve_scale" not in routes
+
+
+def test_rope_dims_leave_the_other_channels_untouched():
+    rotary = tg.Rotary(tiny_h(rope_dims=8))
+    x = torch.randn(1, 6, 2, 16)
+    out = rotary(x)
+    torch.testing.assert_close(out[..., 8:], x[..., 8:])
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))  # a rotation
+    assert not torch.allclose(out[:, 1:, :, :8], x[:, 1:, :, :8])
+
+
+def test_loss_and_token_nll_share_the_trunk():
+    model = tg.build_model(tiny_h())
+    idx = torch.randint(0, 96, (2, 32))
+    targets = torch.randint(0, 96, (2, 32))
+    nll = model.token_nll(idx, targets, 32)
+    torch.testing.assert_close(model(idx, targets), nll.mean())
+    torch.testing.assert_close(model.token_nll(idx, targets, 5), nll[:, -5:])
+
+
+def test_init_is_seeded_and_output_projections_start_at_zero():
+    a, b = tg.build_model(tiny_h()), tg.build_model(tiny_h())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.blocks[0].attn.proj.weight.abs().sum() == 0 and a.blocks[0].mlp.proj.weight.abs().sum() == 0
+    w = a.blocks[0].attn.c_q.weight  # 64x64: orthogonal
+    torch.testing.assert_close(w @ w.T, torch.eye(64), atol=1e-5, rtol=0)
