@@ -299,6 +299,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
         parser.error(f"--date {args.date!r}: expected YYYY-MM-DD")
+    if folder_name(args.date, args.name) == f"{args.date}_":
+        parser.error(f"--name {args.name!r}: needs at least one letter or digit to name the folder")
     try:
         target = package(args)
     except RecordsError as e:
