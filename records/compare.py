@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from logparse import RecordsError, RunLog, parse_logs
+from logparse import RecordsError, RunLog, fmt, parse_logs
 
 COLUMNS = ("run", "seed", "steps", "train s", "step ms", "pre-quant bpb", "val_loss", "val_bpb", "score line", "bytes total")
 
@@ -26,14 +26,10 @@ def labels_for(runs: list[RunLog]) -> list[str]:
 
 
 def table_row(run: RunLog, label: str) -> list[str]:
-    def show(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
     score, pre = run.score(), run.evals.get("post_average_prequant")
-    train_s = None if run.last_train_time_ms is None else run.last_train_time_ms / 1000
-    return [label, show(run.seed, "d"), show(run.last_step, "d"), show(train_s, ".1f"), show(run.last_step_avg_ms, ".2f"),
-            show(pre and pre.val_bpb, ".4f"), show(score and score.val_loss, ".8f"), show(score and score.val_bpb, ".8f"),
-            score.name if score else "-", show(run.total_bytes, ",d")]
+    return [label, fmt(run.seed, "d"), fmt(run.last_step, "d"), fmt(run.last_train_time_ms, ".1f", 1e-3), fmt(run.last_step_avg_ms, ".2f"),
+            fmt(pre and pre.val_bpb, ".4f"), fmt(score and score.val_loss, ".8f"), fmt(score and score.val_bpb, ".8f"),
+            score.name if score else "-", fmt(run.total_bytes, ",d")]
 
 
 def table(runs: list[RunLog], labels: list[str]) -> str:

@@ -129,6 +129,11 @@ def number(text: str) -> float | None:
         return None
 
 
+def fmt(value, spec: str, scale: float = 1.0) -> str:
+    """A logged figure for a table; "-" where the log lacks it."""
+    return "-" if value is None else format(value if scale == 1 else value * scale, spec)
+
+
 def split_source(data: bytes, path: Path) -> tuple[bytes | None, str | None, bytes]:
     """Cut the embedded source out of a log. Return (source, sha256, the log without the source block)."""
     header = SOURCE_HEADER.search(data)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from logparse import (MAX_EVAL_TIME_MS, MAX_TOTAL_BYTES, MAX_TRAIN_TIME_MS, SCORE_LINE, RecordsError,
-                      RunLog, parse_logs)
+                      RunLog, fmt, parse_logs)
 
 REPO = Path(__file__).resolve().parent.parent
 TRACKS = {"10min_16mb": "track_10min_16mb", "non_record_16mb": "track_non_record_16mb"}
@@ -169,10 +169,6 @@ def submission_json(runs: list[RunLog], *, author: str, github_id: str, name: st
         "cuda_version": runs[0].versions.get("cuda"),
         "train_gpt_sha256": runs[0].source_sha256,
     }
-
-
-def fmt(value, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale, spec)
 
 
 def readme_text(sub: dict, runs: list[RunLog], track: str) -> str:
