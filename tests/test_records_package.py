@@ -1,0 +1,149 @@
+"""records/package.py: the folder and submission.json agree with the logs, and each broken rule is refused."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records_testlogs import RECORDS, SOURCE, write_log  # noqa: E402
+
+import package  # noqa: E402
+
+SCORES = {1337: (1.90310000, 1.12710000), 42: (1.90412345, 1.12770123), 2025: (1.90198765, 1.12644321)}
+MODEL_BYTES = {1337: 15_468_512, 42: 15_501_000, 2025: 15_433_210}
+
+
+def three_logs(tmp_path, **changes_by_seed):
+    """The logs of seeds 1337, 42 and 2025; changes_by_seed={'s42': {...}} bends one of them."""
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    return [write_log(tmp_path / "logs" / f"run_s{seed}.txt", **{"seed": seed, "val_loss": SCORES[seed][0], "val_bpb": SCORES[seed][1],
+                                                                 "model_bytes": MODEL_BYTES[seed], **changes_by_seed.get(f"s{seed}", {})})
+            for seed in SCORES]
+
+
+def package_args(tmp_path, logs, *extra):
+    script = tmp_path / "train_gpt.py"
+    if not script.exists():
+        script.write_bytes(SOURCE)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("torch\nnumpy\n")
+    return [*map(str, logs), "--name", "Test run", "--author", "Ada", "--github-id", "ada", "--blurb", "A test.",
+            "--date", "2026-03-25", "--script", str(script), "--requirements", str(requirements),
+            "--out", str(tmp_path / "out" / "2026-03-25_Test_run"), *extra]
+
+
+def refusal(tmp_path, logs, *extra) -> str:
+    with pytest.raises(SystemExit) as exc:
+        package.main(package_args(tmp_path, logs, *extra))
+    message = str(exc.value.code)
+    assert message.startswith("package.py: refused: ") and "\n" not in message
+    out = tmp_path / "out"
+    assert not out.exists() or list(out.iterdir()) == [], "a refused package must leave nothing behind"
+    return message
+
+
+def test_command_builds_a_folder_that_matches_the_logs(tmp_path):
+    logs = three_logs(tmp_path)
+    result = subprocess.run([sys.executable, str(RECORDS / "package.py"), *package_args(tmp_path, logs)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "out" / "2026-03-25_Test_run"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", "submission.json", "train_gpt.py", "requirements.txt",
+         "train_seed1337.log", "train_seed42.log", "train_seed2025.log"])
+    assert (folder / "train_gpt.py").read_bytes() == SOURCE
+    for log in logs:
+        seed = log.stem.removeprefix("run_s")
+        assert (folder / f"train_seed{seed}.log").read_bytes() == log.read_bytes()
+
+    sub = json.loads((folder / "submission.json").read_text())
+    losses = [SCORES[s][0] for s in SCORES]
+    bpbs = [SCORES[s][1] for s in SCORES]
+    assert sub["val_loss"] == pytest.approx(statistics.mean(losses), abs=1e-8)
+    assert sub["val_bpb"] == pytest.approx(statistics.mean(bpbs), abs=1e-8)
+    assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-8)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpbs), abs=1e-8)
+    assert sub["seeds"] == [1337, 42, 2025]
+    assert sub["bytes_code"] == len(SOURCE)
+    assert sub["bytes_total"] == max(MODEL_BYTES.values()) + len(SOURCE)
+    assert (sub["author"], sub["github_id"], sub["name"], sub["date"], sub["track"]) == ("Ada", "ada", "Test run", "2026-03-25", "10min_16mb")
+    assert sub["hardware"] == "8xNVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.11.0+cu130"
+    for seed, (loss, bpb) in SCORES.items():
+        r = sub["seed_results"][str(seed)]
+        assert (r["val_loss"], r["val_bpb"]) == (loss, bpb)
+        assert r["artifact_bytes"] == MODEL_BYTES[seed] and r["bytes_total"] == MODEL_BYTES[seed] + len(SOURCE)
+        assert (r["steps"], r["step_avg_ms"], r["train_time_ms"]) == (7103, 84.46, 599912.0)
+        assert (r["pre_quant_val_loss"], r["pre_quant_val_bpb"]) == (round(loss + 0.0259, 4), round(bpb + 0.0154, 4))
+    assert sub["pre_quant_val_bpb"] == pytest.approx(statistics.mean(round(b + 0.0154, 4) for b in bpbs), abs=1e-8)
+
+    readme = (folder / "README.md").read_text()
+    for seed, (loss, bpb) in SCORES.items():
+        assert f"| {seed} | 7103 |" in readme and f"{bpb:.8f}" in readme
+    assert f"{sub['val_bpb']:.8f}" in readme
+
+
+def test_command_refuses_with_one_line_and_status_1(tmp_path):
+    logs = three_logs(tmp_path, s42={"total_bytes": 16_000_001})
+    result = subprocess.run([sys.executable, str(RECORDS / "package.py"), *package_args(tmp_path, logs)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "seed 42" in result.stderr and "over 16,000,000" in result.stderr
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"s42": {"model_bytes": 15_999_990}}, "seed 42 (run_s42.txt): total submission size 16,000,"),
+    ({"s2025": {"drop": ("final_int6_sliding_window_exact",)}}, "run_s2025.txt lacks the final lines: final_int6_sliding_window_exact"),
+    ({"s2025": {"drop": ("Total submission size",)}}, "lacks the final lines: Total submission size"),
+    ({"s1337": {"train_time_ms": 600_001.0}}, "seed 1337 (run_s1337.txt): training took 600001ms, over 600000ms"),
+    ({"s42": {"eval_time_ms": 600_500}}, "the scoring evaluation took 600500ms"),
+    ({"s42": {"source": SOURCE + b"# changed\n"}}, "the logs come from different code"),
+    ({"s42": {"settings": {"NUM_LAYERS": "10"}}}, "differ in settings other than the seed: NUM_LAYERS"),
+    ({"s42": {"seed": 1337}}, "a seed appears twice"),
+    ({"s42": {"code_bytes": 999}}, "Code size 999 bytes but the embedded source has"),
+    ({"s42": {"total_bytes": 15_000_000}}, "is not model 15501000 + code"),
+])
+def test_refusals(tmp_path, changes, expected):
+    assert expected in refusal(tmp_path, three_logs(tmp_path, **changes))
+
+
+def test_refuses_a_script_that_differs_from_the_logs(tmp_path):
+    (tmp_path / "train_gpt.py").write_bytes(SOURCE.replace(b"training", b"trainning"))
+    assert "differs from the source embedded in the logs (first at line 3)" in refusal(tmp_path, three_logs(tmp_path))
+
+
+def test_refuses_public_logs_without_source(tmp_path):
+    log = tmp_path / "public.log"
+    log.write_text("step:10/100 train_loss:3.0 train_time:100ms step_avg:10.00ms\n")
+    assert "not logs of our train_gpt.py" in refusal(tmp_path, [log])
+
+
+def test_record_track_needs_8xh100_but_non_record_track_does_not(tmp_path):
+    logs = three_logs(tmp_path, s1337={"gpus": ("NVIDIA A100-SXM4-80GB",) * 8}, s42={"gpus": ("NVIDIA A100-SXM4-80GB",) * 8},
+                      s2025={"gpus": ("NVIDIA A100-SXM4-80GB",) * 8, "train_time_ms": 1_200_000.0})
+    assert "the record track needs 8xH100" in refusal(tmp_path, logs)
+    package.main(package_args(tmp_path, logs, "--track", "non_record_16mb"))
+    sub = json.loads((tmp_path / "out" / "2026-03-25_Test_run" / "submission.json").read_text())
+    assert sub["track"] == "non_record_16mb" and sub["hardware"] == "8xNVIDIA A100-SXM4-80GB"
+
+
+def test_refuses_to_overwrite_and_leaves_the_existing_folder_alone(tmp_path):
+    logs = three_logs(tmp_path)
+    package.main(package_args(tmp_path, logs))
+    folder = tmp_path / "out" / "2026-03-25_Test_run"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SystemExit) as exc:
+        package.main(package_args(tmp_path, logs))
+    assert "already exists" in str(exc.value.code)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [folder.name], "no temporary folder may be left"
+
+
+def test_single_seed_has_no_std(tmp_path):
+    log = write_log(tmp_path / "one.txt", seed=7)
+    package.main(package_args(tmp_path, [log]))
+    sub = json.loads((tmp_path / "out" / "2026-03-25_Test_run" / "submission.json").read_text())
+    assert sub["seeds"] == [7] and sub["val_loss"] == 1.9031 and sub["val_loss_std"] is None
