@@ -100,6 +100,10 @@ class Hyperparameters:
     attn_bits: int = 6               # per-row integer width of attention matrices
     mlp_bits: int = 6                # ... of MLP matrices
     embed_bits: int = 8              # ... of embedding tables
+    quant_method: str = "gptq"       # rtn (row max) | gptq_lite (best clip per row) | gptq (+ Hessian rounding)
+    gptq_calib_batches: int = 1      # training batches (TRAIN_BATCH_TOKENS each) for the GPTQ Hessians
+    gptq_damp: float = 0.01          # GPTQ damping, times the mean Hessian diagonal
+    target_bytes: int = 16_000_000   # artifact + code; quantised +-1 values are zeroed until it fits
 
     # ---- evaluation and logging
     eval_seq_len: int = 2048         # evaluation window
@@ -132,7 +136,7 @@ class Hyperparameters:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
-        choices = {"mlp_act": ("relu2", "leaky_relu2"), "weight_avg": ("ema", "swa", "none"),
+        choices = {"mlp_act": ("relu2", "leaky_relu2"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
@@ -151,7 +155,8 @@ class Hyperparameters:
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay}: expected 0 <= decay < 1")
         for name in ("attn_bits", "mlp_bits", "embed_bits"):
             need(2 <= getattr(self, name) <= 8, f"{name.upper()}={getattr(self, name)}: expected 2..8")
-        for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_batch_seqs", "train_log_every"):
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_batch_seqs", "train_log_every",
+                     "gptq_calib_batches", "target_bytes"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)}: expected a positive number")
 
     def value_embedding_layers(self) -> list[int]:
@@ -824,17 +829,17 @@ class Optimizers:
         self.adam.zero_grad(set_to_none=True)
 
 
-def lr_scale_at(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """Constant, then linear warm-down to 0. Under a time cap the warm-down lasts WARMDOWN_ITERS times
-    the mean step time so far and ends at the cap; otherwise it covers the last WARMDOWN_ITERS steps."""
+def lr_scale_at(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float) -> float:
+    """Constant, then linear warm-down to 0. Under a time cap (cap_ms > 0: the end of the training
+    loop) the warm-down lasts WARMDOWN_ITERS times the mean step time so far and ends at the cap;
+    otherwise it covers the last WARMDOWN_ITERS steps."""
     if h.warmdown_iters <= 0:
         return 1.0
-    if h.max_wallclock_seconds > 0:
+    if cap_ms > 0:
         if step == 0:
             return 1.0
         warmdown_ms = h.warmdown_iters * elapsed_ms / step
-        remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
-        return min(remaining_ms / warmdown_ms, 1.0)
+        return min(max(cap_ms - elapsed_ms, 0.0) / warmdown_ms, 1.0)
     return min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
 
 
@@ -885,6 +890,7 @@ class WeightAverager:
 # =============================================================================================
 
 SIZE_CAP_BYTES = 16_000_000      # artifact + code, decimal
+GPTQ_LITE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # clip quantiles tried per row (PR #531)
 SMALL_TENSOR_NUMEL = 65_536      # quantisable tensors this small are stored as fp16
 EMBED_CLIP_QUANTILE = 0.9999984  # int8 embeddings clip each row at this quantile of |w|
 FP16_MIN_NORMAL = 2.0 ** -14
@@ -908,35 +914,153 @@ def export_format(h: Hyperparameters, role: str, numel: int) -> tuple:
     return ("int", bits, EMBED_CLIP_QUANTILE if category == "embed" else 1.0)
 
 
-def quantize_rows(w: Tensor, bits: int, clip: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] and one fp16 scale per row.
-    The scale is rounded up to an fp16 value, so unclipped weights are off by at most scale / 2."""
+def row_scales(w: Tensor, bits: int, clip: float = 1.0) -> Tensor:
+    """One fp16 step per row: the row's max |w| (or its `clip` quantile) over 2^(bits-1) - 1, rounded
+    up to an fp16 value so that unclipped weights stay within the integer range."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    magnitude = w.abs().amax(dim=1) if clip >= 1.0 else torch.quantile(w.abs(), clip, dim=1)
+    magnitude = w.abs().amax(dim=-1) if clip >= 1.0 else torch.quantile(w.abs(), clip, dim=-1)
     scale = (magnitude / qmax).clamp_min(FP16_MIN_NORMAL)
     scale16 = scale.half()
-    scale16 = torch.where(scale16.float() < scale, (scale * (1 + 2.0 ** -10)).half(), scale16)
-    q = torch.clamp(torch.round(w / scale16.float()[:, None]), -qmax, qmax)
-    return q.to(torch.int8), scale16
+    return torch.where(scale16.float() < scale, (scale * (1 + 2.0 ** -10)).half(), scale16)
+
+
+def round_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w / scale.float()[..., None]), -qmax, qmax).to(torch.int8)
+
+
+def quantize_rows(w: Tensor, bits: int, clip: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Round to nearest: symmetric per-row integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] and fp16
+    row scales. Unclipped weights are off by at most scale / 2."""
+    scale = row_scales(w.float(), bits, clip)
+    return round_to_grid(w.float(), scale, bits), scale
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
+    return q.float() * scale.float()[..., None]
 
 
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
     return dequantize_rows(*quantize_rows(w, bits))
 
 
-def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], config: dict) -> bytes:
+def best_clip_scales(w: Tensor, bits: int) -> Tensor:
+    """GPTQ-lite (PR #531), done per row: each row takes the clip quantile among GPTQ_LITE_CLIPS whose
+    rounding leaves the least squared error in that row."""
+    w = w.float()
+    best_scale, best_error = None, None
+    for clip in GPTQ_LITE_CLIPS:
+        scale = row_scales(w, bits, clip)
+        error = (dequantize_rows(round_to_grid(w, scale, bits), scale) - w).square().sum(dim=-1)
+        if best_error is None:
+            best_scale, best_error = scale, error
+        else:
+            best_scale = torch.where(error < best_error, scale, best_scale)
+            best_error = torch.minimum(error, best_error)
+    return best_scale
+
+
+def gptq_round(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, block: int = 128, damp: float = 0.01) -> Tensor:
+    """GPTQ (Frantar et al. 2022, as in PR #609) for a batch of matrices w (n, rows, cols) with input
+    Hessians (n, cols, cols) = sum of x x^T over calibration inputs and fixed row scales (n, rows).
+    Columns are quantised in order of decreasing Hessian diagonal; each column's rounding error is
+    spread over the columns not yet quantised through the Cholesky factor of the inverse Hessian
+    (dampened by `damp` times its mean diagonal), block by block. Returns int8 values."""
+    qmax = 2 ** (bits - 1) - 1
+    w, H = w.float().clone(), hessian.float().clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    diag.masked_fill_(diag == 0, 1.0)  # inputs never active in calibration: plain rounding, weights kept
+    diag.add_(damp * diag.mean(dim=-1, keepdim=True))
+    order = diag.argsort(dim=-1, descending=True)
+    w = w.take_along_dim(order[:, None, :], dim=2)
+    H = H.take_along_dim(order[:, :, None], dim=1).take_along_dim(order[:, None, :], dim=2)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    step = scale.float()[:, :, None]
+    q = torch.zeros_like(w)
+    cols = w.size(2)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, E1, U1 = w[:, :, i1:i2].clone(), torch.zeros_like(w[:, :, i1:i2]), U[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = W1[:, :, i:i + 1]
+            qc = torch.clamp(torch.round(column / step), -qmax, qmax)
+            q[:, :, i1 + i:i1 + i + 1] = qc
+            error = (column - qc * step) / U1[:, None, i:i + 1, i]
+            W1[:, :, i:] -= error * U1[:, None, i, i:]
+            E1[:, :, i:i + 1] = error
+        w[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
+    return q.take_along_dim(order.argsort(dim=-1)[:, None, :], dim=2).to(torch.int8)
+
+
+def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyperparameters,
+                   hessians: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """(int8 values, fp16 row scales) of every tensor exported as integers. Embeddings use their fixed
+    clip quantile; matrices use QUANT_METHOD: rtn (row max), gptq_lite (best clip per row) or gptq
+    (best clip per row, then GPTQ rounding with the Hessians of their inputs). Matrices of one shape
+    are solved together; the work runs where the Hessians are."""
+    quantized, batches = {}, {}
+    for name, fmt in formats.items():
+        if fmt[0] != "int":
+            continue
+        w, bits, clip = state[name], fmt[1], fmt[2]
+        if clip < 1.0 or h.quant_method == "rtn":
+            quantized[name] = quantize_rows(w, bits, clip)
+        elif h.quant_method == "gptq" and name in hessians:
+            batches.setdefault((tuple(w.shape), bits), []).append(name)
+        else:
+            scale = best_clip_scales(w, bits)
+            quantized[name] = (round_to_grid(w.float(), scale, bits), scale)
+    for (_, bits), names in batches.items():
+        H = torch.stack([hessians[n] for n in names])
+        w = torch.stack([state[n] for n in names]).to(H.device)
+        scale = best_clip_scales(w, bits)
+        q = gptq_round(w, H, scale, bits, damp=h.gptq_damp)
+        for i, name in enumerate(names):
+            quantized[name] = (q[i].cpu(), scale[i].cpu())
+    return quantized
+
+
+def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Linear]:
+    """The Linear layers whose weights are exported as integers, by parameter name."""
+    routes = route_parameters(model)
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)
+            and export_format(h, routes[f"{name}.weight"], m.weight.numel())[0] == "int"}
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
+    """Sum of x x^T over the inputs x of every integer-exported Linear, from training batches, summed
+    over ranks (GPTQ calibration)."""
+    hessians, hooks = {}, []
+    for name, layer in quantization_targets(model, h).items():
+        hessians[name] = torch.zeros(layer.weight.size(1), layer.weight.size(1), device=rt.device)
+
+        def accumulate(module, args, H=hessians[name]):
+            x = args[0].detach().flatten(0, -2).float()
+            H.addmm_(x.T, x)
+        hooks.append(layer.register_forward_pre_hook(accumulate))
+    try:
+        for x, y in batches:
+            for micro in range(x.size(0)):
+                with autocast(rt):
+                    model(x[micro], y[micro])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if rt.distributed:
+        for H in hessians.values():
+            dist.all_reduce(H)
+    return hessians
+
+
+def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]], config: dict) -> bytes:
     """The uncompressed container: magic, 4-byte header length, a JSON header naming every tensor
     (encoding, shape, byte ranges), then raw little-endian arrays grouped by kind. No pickle."""
     sections: dict[str, list[bytes]] = {"int": [], "scale": [], "fp16": [], "fp32": []}
     sizes = dict.fromkeys(sections, 0)
     entries = []
 
-    def put(kind: str, array: np.ndarray) -> list[int]:
+    def put(kind: str, array: np.ndarray) -> list:
         data = array.tobytes()
         sections[kind].append(data)
         sizes[kind] += len(data)
@@ -946,7 +1070,7 @@ def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], config: d
         fmt = formats[name]
         entry = {"name": name, "shape": list(tensor.shape), "encoding": fmt[0]}
         if fmt[0] == "int":
-            q, scale = quantize_rows(tensor, fmt[1], fmt[2])
+            q, scale = quantized[name]
             entry.update(bits=fmt[1], data=put("int", q.numpy()), scale=put("scale", scale.numpy().astype("<f2")))
         elif fmt[0] == "fp16":
             entry["data"] = put("fp16", tensor.half().numpy().astype("<f2"))
@@ -1000,16 +1124,67 @@ def require_zstandard() -> None:
                           "and there is no fallback, since another compressor would change the byte count")
 
 
-def export_artifact(model: nn.Module, routes: dict[str, str], h: Hyperparameters, path: Path) -> int:
-    """Quantise, pack, compress and write the model (temporary name, then rename); return its bytes."""
-    state = {name: p.detach().float().cpu() for name, p in model.state_dict().items()}
-    assert state.keys() == routes.keys(), "the state holds tensors that are not routed parameters"
-    formats = {name: export_format(h, routes[name], t.numel()) for name, t in state.items()}
-    blob = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(pack_artifact(state, formats, asdict(h)))
+def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
+    return zstandard.ZstdCompressor(level=level).compress(container)
+
+
+def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                  config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[bytes, int]:
+    """The compressed artifact, at most `budget` bytes: if needed, quantised +-1 values are set to 0,
+    cheapest first (PR #609). The cost of zeroing one is the rise in its squared rounding error,
+    weighted by its input's Hessian diagonal where there is one. The count is searched with a fast
+    zstd level scaled to level 22, then checked at level 22. Returns (artifact, values zeroed)."""
+    blob = compress(pack_artifact(state, formats, quantized, config))
+    if len(blob) <= budget:
+        return blob, 0
+    costs, places = [], []
+    for name, (q, scale) in quantized.items():
+        w = state[name].float()
+        error_now = (w - dequantize_rows(q, scale)).square()
+        cost = w.square() - error_now
+        if name in hessians:
+            cost = cost * hessians[name].diagonal().cpu()[None, :]
+        ones = (q.abs() == 1).flatten().nonzero().squeeze(1)
+        costs.append(cost.flatten()[ones])
+        places += [(name, ones)]
+    order = torch.cat(costs).argsort()
+    offsets = np.cumsum([0] + [len(i) for _, i in places])
+
+    def artifact(k: int, level: int) -> bytes:
+        pruned = dict(quantized)
+        chosen = order[:k]
+        for (name, flat), lo, hi in zip(places, offsets[:-1], offsets[1:]):
+            mine = chosen[(chosen >= lo) & (chosen < hi)] - lo
+            if len(mine):
+                q = pruned[name][0].clone()
+                q.view(-1)[flat[mine]] = 0
+                pruned[name] = (q, pruned[name][1])
+        return compress(pack_artifact(state, formats, pruned, config), level)
+
+    fast_level = 3
+    ratio = len(blob) / len(artifact(0, fast_level))
+    lo, hi = 0, len(order)
+    if len(artifact(hi, ZSTD_LEVEL)) > budget:
+        raise RunError(f"the artifact cannot fit {budget} bytes even with all {hi} quantised +-1 values zeroed "
+                       f"(it is {len(blob) - budget} bytes over before pruning): lower MLP_BITS or ATTN_BITS")
+    while hi - lo > max(1, len(order) // 2000):  # bisect on the fast estimate
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(artifact(mid, fast_level)) * ratio <= budget else (mid, hi)
+    k = hi
+    while len(blob := artifact(k, ZSTD_LEVEL)) > budget:
+        k = min(len(order), k + max(1000, k // 20))
+    return blob, k
+
+
+def export_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                    h: Hyperparameters, hessians: dict[str, Tensor], path: Path, budget: int) -> tuple[int, int]:
+    """Pack, fit to the byte budget, compress and write (temporary name, then rename).
+    Returns (artifact bytes, quantised values zeroed to fit)."""
+    blob, pruned = fit_to_budget(state, formats, quantized, asdict(h), hessians, budget)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, path)
-    return len(blob)
+    return len(blob), pruned
 
 
 def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
@@ -1247,11 +1422,24 @@ def check_size_cap(total_bytes: int) -> None:
         raise RunError(f"total submission size {total_bytes} bytes is over the {SIZE_CAP_BYTES:,}-byte cap by {total_bytes - SIZE_CAP_BYTES} bytes")
 
 
-def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
-    """Train until ITERATIONS or the time cap, then load the weight average into `model`."""
+def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runtime) -> tuple:
+    """The export quantisation, which may use training data (GPTQ calibration), so it runs inside the
+    training budget. Returns (CPU state, formats, quantised tensors, Hessians)."""
+    routes = route_parameters(model)
+    state = {name: t.detach().float() for name, t in model.state_dict().items()}
+    formats = {name: export_format(h, routes[name], t.numel()) for name, t in state.items()}
+    hessians = collect_hessians(model, batches, h, rt) if h.quant_method == "gptq" else {}
+    quantized = quantize_state(state, formats, h, hessians)
+    return {name: t.cpu() for name, t in state.items()}, formats, quantized, hessians
+
+
+def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> tuple:
+    """Train until ITERATIONS or the time cap, load the weight average, and quantise for export inside
+    the training budget. Returns quantize_for_export's result."""
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     orthogonalize = torch.compile(newton_schulz, dynamic=False, fullgraph=True) if rt.compile else newton_schulz
     loader = TrainLoader(h, rt)
+    calibration_batches = h.gptq_calib_batches if h.quant_method == "gptq" else 0
 
     def run_step(opt: Optimizers, batch: tuple[Tensor, Tensor], lr_scale: float, momentum: float) -> Tensor:
         x, y = batch
@@ -1264,20 +1452,27 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         opt.step(lr_scale, momentum)
         return loss_sum / h.grad_accum_steps
 
-    if h.warmup_steps > 0:  # prime the compiled kernels, then undo every trace of it
-        t0 = time.perf_counter()
-        initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        opt = Optimizers(model, routes, h, rt, orthogonalize)
-        for _ in range(h.warmup_steps):
-            run_step(opt, loader.next_batch(), 1.0, h.muon_momentum_warmup_start)
-        model.load_state_dict(initial)
-        loader = TrainLoader(h, rt)
-        synchronize(rt)
-        log(f"warmup: {h.warmup_steps} priming steps in {time.perf_counter() - t0:.1f}s; weights, optimiser state and data stream restored")
+    # Before the clock: prime the compiled kernels and time the export quantisation (its time is
+    # reserved from the budget), then undo every trace of it.
+    t0 = time.perf_counter()
+    initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    opt = Optimizers(model, routes, h, rt, orthogonalize)
+    for _ in range(h.warmup_steps):
+        run_step(opt, loader.next_batch(), 1.0, h.muon_momentum_warmup_start)
+    synchronize(rt)
+    t1 = time.perf_counter()
+    quantize_for_export(model, [loader.next_batch() for _ in range(calibration_batches)], h, rt)
+    synchronize(rt)
+    reserve_ms = 1000 * (time.perf_counter() - t1)
+    model.load_state_dict(initial)
+    loader = TrainLoader(h, rt)
+    log(f"warmup: {h.warmup_steps} priming steps and one export quantisation ({reserve_ms:.0f}ms, reserved) in "
+        f"{time.perf_counter() - t0:.1f}s; weights, optimiser state and data stream restored")
 
     opt = Optimizers(model, routes, h, rt, orthogonalize)
     averager = WeightAverager(model, h)
     cap_ms = 1000.0 * h.max_wallclock_seconds
+    loop_cap_ms = cap_ms - reserve_ms if cap_ms > 0 else 0.0
     step, training_ms, elapsed_ms, lr_scale, stop, qat_on = 0, 0.0, 0.0, 1.0, False, False
     batch = loader.next_batch()
     synchronize(rt)
@@ -1307,15 +1502,28 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
             raise RunError(f"train_loss is {train_loss} at step {step}: stopping (check the data and the learning rates)")
         if step % h.train_log_every == 0 or step <= 10:
             log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
-        lr_scale = lr_scale_at(h, step, elapsed_ms)
+        lr_scale = lr_scale_at(h, step, elapsed_ms, loop_cap_ms)
         next_step_ms = max(elapsed_ms / step, elapsed_ms - previous_ms)
-        if cap_ms > 0 and elapsed_ms + next_step_ms > cap_ms:  # never start a step that would end past the cap
+        if loop_cap_ms > 0 and elapsed_ms + next_step_ms > loop_cap_ms:  # no step may end past the cap
             stop = True
-            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations} "
+                f"(export quantisation reserved {reserve_ms:.0f}ms)")
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log(averager.apply())
     set_late_qat(model, False)
+
+    t0 = time.perf_counter()
+    export = quantize_for_export(model, [loader.next_batch() for _ in range(calibration_batches)], h, rt)
+    synchronize(rt)
+    quantization_ms = 1000 * (time.perf_counter() - t0)
+    log(f"training_budget: train_time:{training_ms:.0f}ms quantisation:{quantization_ms:.0f}ms "
+        f"total:{training_ms + quantization_ms:.0f}ms cap:{cap_ms:.0f}ms method:{h.quant_method} "
+        f"calibration_tokens:{calibration_batches * h.train_batch_tokens}")
+    if cap_ms > 0 and training_ms + quantization_ms > cap_ms:
+        raise RunError(f"training and export quantisation took {training_ms + quantization_ms:.0f}ms, over "
+                       f"MAX_WALLCLOCK_SECONDS: the quantisation took longer than the {reserve_ms:.0f}ms measured before the clock")
+    return export
 
 
 def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path: Path) -> None:
@@ -1325,13 +1533,14 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
     routes = route_parameters(model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} xsa_layers:{h.xsa_last_n} weight_avg:{h.weight_avg}")
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
-    train(model, routes, evaluator, h, rt, log)
+    state, formats, quantized, hessians = train(model, routes, evaluator, h, rt, log)
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
+    code_bytes = len(Path(__file__).read_bytes())
     if rt.master:
-        export_artifact(model, routes, h, artifact_path)
-        log(f"artifact: {artifact_path}")
+        artifact_bytes, zeroed = export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - code_bytes)
+        log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
     if rt.distributed:
         dist.barrier()
     state, _ = load_artifact(artifact_path)  # the score is always that of the bytes on disk

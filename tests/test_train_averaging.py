@@ -49,7 +49,7 @@ def test_swa_without_snapshots_says_so():
 
 
 def test_the_average_is_what_gets_exported(tmp_path):
-    h = tiny_h(weight_avg="ema", ema_decay=0.5)
+    h = tiny_h(weight_avg="ema", ema_decay=0.5, quant_method="gptq_lite")
     model = tg.build_model(h)
     averager = tg.WeightAverager(model, h)
     initial = [p.detach().clone() for p in model.parameters()]
@@ -60,7 +60,9 @@ def test_the_average_is_what_gets_exported(tmp_path):
     averager.apply()
     tg.require_zstandard()
     path = tmp_path / "m.model.zst"
-    tg.export_artifact(model, tg.route_parameters(model), h, path)
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
+    state, formats, quantized, hessians = tg.quantize_for_export(model, [], h, rt)
+    tg.export_artifact(state, formats, quantized, h, hessians, path, budget=10**9)
     state, _ = tg.load_artifact(path)
     for (name, _), start in zip(model.named_parameters(), initial):
         torch.testing.assert_close(state[name], start + 0.5, atol=2e-3, rtol=2e-3, msg=name)  # fp16 / int8 rounding

@@ -8,7 +8,7 @@ import train_gpt as tg
 from test_train_model import tiny_h
 
 
-@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_per_row_quantisation_error_is_at_most_half_a_step(bits):
     torch.manual_seed(bits)
     w = torch.randn(64, 300) * torch.logspace(-4, 1, 64)[:, None]  # rows of very different scales
@@ -43,7 +43,8 @@ def test_round_trip_through_the_compressed_artifact(tmp_path, monkeypatch):
     torch.manual_seed(0)
     state = {"big": torch.randn(300, 256), "small": torch.randn(16, 16), "gain": torch.randn(7), "emb": torch.randn(512, 160)}
     formats = {"big": ("int", 6, 1.0), "small": ("fp16",), "gain": ("fp32",), "emb": ("int", 8, tg.EMBED_CLIP_QUANTILE)}
-    container = tg.pack_artifact(state, formats, {"note": "hello"})
+    quantized = tg.quantize_state(state, formats, tg.Hyperparameters(quant_method="rtn"), {})
+    container = tg.pack_artifact(state, formats, quantized, {"note": "hello"})
     blob = tg.zstandard.ZstdCompressor(level=3).compress(container)
     path = tmp_path / "a.model.zst"
     path.write_bytes(blob)
@@ -70,7 +71,7 @@ def test_corrupt_artifacts_are_refused(tmp_path):
     path.write_bytes(tg.zstandard.ZstdCompressor().compress(b"PK\x03\x04 something else"))
     with pytest.raises(tg.DataError, match="bad magic"):
         tg.load_artifact(path)
-    container = tg.pack_artifact({"w": torch.randn(4, 4)}, {"w": ("fp32",)}, {})
+    container = tg.pack_artifact({"w": torch.randn(4, 4)}, {"w": ("fp32",)}, {}, {})
     path.write_bytes(tg.zstandard.ZstdCompressor().compress(container[:-8]))
     with pytest.raises(tg.DataError, match="truncated or corrupt"):
         tg.load_artifact(path)

@@ -98,10 +98,10 @@ def test_gradient_clipping_scales_by_the_global_norm():
 
 def test_schedules():
     h = tg.Hyperparameters(iterations=100, warmdown_iters=20, max_wallclock_seconds=0)
-    assert [tg.lr_scale_at(h, s, 0) for s in (0, 80, 90, 100)] == [1.0, 1.0, 0.5, 0.0]
-    h = tg.Hyperparameters(warmdown_iters=100, max_wallclock_seconds=10)  # 50 ms steps: warm-down = last 5 s
-    assert tg.lr_scale_at(h, 100, 5000.0) == 1.0
-    assert tg.lr_scale_at(h, 150, 7500.0) == pytest.approx(2500 / 5000)
-    assert tg.lr_scale_at(h, 200, 10000.0) == 0.0
+    assert [tg.lr_scale_at(h, s, 0, 0) for s in (0, 80, 90, 100)] == [1.0, 1.0, 0.5, 0.0]
+    h = tg.Hyperparameters(warmdown_iters=100)  # cap at 10 s and 50 ms steps: the warm-down is the last 5 s
+    assert tg.lr_scale_at(h, 100, 5000.0, 10000.0) == 1.0
+    assert tg.lr_scale_at(h, 150, 7500.0, 10000.0) == pytest.approx(2500 / 5000)
+    assert tg.lr_scale_at(h, 200, 10000.0, 10000.0) == 0.0
     h = tg.Hyperparameters(muon_momentum_warmup_start=0.9, muon_momentum=0.99, muon_momentum_warmup_steps=10)
     assert [round(tg.muon_momentum_at(h, s), 6) for s in (0, 5, 10, 50)] == [0.9, 0.945, 0.99, 0.99]
