@@ -80,6 +80,7 @@ class RunLog:
     val: list[ValPoint] = field(default_factory=list)
     last_step: int | None = None         # from the last `step:` line of either kind
     last_train_time_ms: float | None = None
+    budget_total_ms: float | None = None  # `training_budget: ... total:` = training + export quantisation (GPTQ)
     last_step_avg_ms: float | None = None
     stopped_early: bool = False
     evals: dict[str, Eval] = field(default_factory=dict)  # in log order; a repeated name keeps the last
@@ -95,6 +96,12 @@ class RunLog:
     @property
     def ours(self) -> bool:
         return self.source is not None
+
+    @property
+    def training_ms(self) -> float | None:
+        """Time charged to the 600 s training budget: the training loop plus, in our logs, the export
+        quantisation that uses training data (GPTQ calibration); the last `step:` line otherwise."""
+        return self.budget_total_ms if self.budget_total_ms is not None else self.last_train_time_ms
 
     @property
     def seed(self) -> int | None:
@@ -172,6 +179,8 @@ def read_line(run: RunLog, line: str) -> None:
         read_step_line(run, int(m["step"]), m["rest"])
     elif line.startswith("stopping_early:"):
         run.stopped_early = True
+    elif line.startswith("training_budget:"):
+        run.budget_total_ms = number(dict(KEY_VALUE.findall(line)).get("total", ""))
     elif m := EVAL_LINE.match(line):
         loss, bpb = number(m["loss"]), number(m["bpb"])
         if loss is not None and bpb is not None:

@@ -107,8 +107,8 @@ def rule_problems(run: RunLog, track: str) -> list[str]:
         problems.append(f"{who}: total submission size {run.total_bytes:,} bytes is over {MAX_TOTAL_BYTES:,}")
     if track != RECORD_TRACK:
         return problems
-    if run.last_train_time_ms is None or run.last_train_time_ms > MAX_TRAIN_TIME_MS:
-        problems.append(f"{who}: training took {fmt(run.last_train_time_ms, '.0f')}ms, over {MAX_TRAIN_TIME_MS}ms")
+    if run.training_ms is None or run.training_ms > MAX_TRAIN_TIME_MS:
+        problems.append(f"{who}: training took {fmt(run.training_ms, '.0f')}ms, over {MAX_TRAIN_TIME_MS}ms")
     score_eval = run.evals.get(SCORE_EVAL_LINE)
     if score_eval and score_eval.eval_time_ms is not None and score_eval.eval_time_ms > MAX_EVAL_TIME_MS:
         problems.append(f"{who}: the scoring evaluation took {score_eval.eval_time_ms:.0f}ms, over {MAX_EVAL_TIME_MS}ms")
@@ -143,7 +143,7 @@ def seed_result(run: RunLog) -> dict:
         "bytes_total": run.total_bytes,      # weights + code: the figure the 16,000,000-byte cap applies to
         "steps": run.last_step,
         "step_avg_ms": run.last_step_avg_ms,
-        "train_time_ms": run.last_train_time_ms,
+        "train_time_ms": run.training_ms,
         "eval_time_ms": run.evals[SCORE_EVAL_LINE].eval_time_ms,
         "log": log_name(run),
     }

@@ -25,7 +25,7 @@ SETTINGS = {"ADAM_EPS": "1e-08", "ATTN_BITS": "6", "EVAL_STRIDE": "64", "ITERATI
 
 def write_log(path, *, seed=1337, val_loss=1.9031, val_bpb=1.1271, source=SOURCE, steps=7103,
               train_time_ms=599_912.0, model_bytes=15_468_512, code_bytes=None, total_bytes=None,
-              eval_time_ms=70_000, gpus=(H100,) * 8, settings=None, drop=()) -> Path:
+              eval_time_ms=70_000, gpus=(H100,) * 8, settings=None, drop=(), quantisation_ms=None) -> Path:
     """Write one seed's log and return its path. val_loss/val_bpb are the score (sliding window, exact)."""
     code_bytes = len(source) if code_bytes is None else code_bytes
     total_bytes = model_bytes + code_bytes if total_bytes is None else total_bytes
@@ -46,6 +46,9 @@ def write_log(path, *, seed=1337, val_loss=1.9031, val_bpb=1.1271, source=SOURCE
     lines += [
         f"step:{steps}/{iterations} val_loss:{val_loss + 0.026:.4f} val_bpb:{val_bpb + 0.0155:.4f} train_time:{train_time_ms:.0f}ms step_avg:{step_avg:.2f}ms",
         "peak memory allocated: 20409 MiB reserved: 20746 MiB",
+        *([f"training_budget: train_time:{train_time_ms:.0f}ms quantisation:{quantisation_ms:.0f}ms "
+           f"total:{train_time_ms + quantisation_ms:.0f}ms cap:600000ms method:gptq calibration_tokens:786432"]
+          if quantisation_ms is not None else []),
         f"post_average_prequant val_loss:{val_loss + 0.0259:.4f} val_bpb:{val_bpb + 0.0154:.4f} eval_time:1800ms",
         f"Serialized model int6+zstd: {model_bytes} bytes",
         f"Code size: {code_bytes} bytes",

@@ -99,6 +99,8 @@ def test_command_refuses_with_one_line_and_status_1(tmp_path):
     ({"s2025": {"drop": ("final_int6_sliding_window_exact",)}}, "run_s2025.txt lacks the final lines: final_int6_sliding_window_exact"),
     ({"s2025": {"drop": ("Total submission size",)}}, "lacks the final lines: Total submission size"),
     ({"s1337": {"train_time_ms": 600_001.0}}, "seed 1337 (run_s1337.txt): training took 600001ms, over 600000ms"),
+    ({"s1337": {"train_time_ms": 597_000.0, "quantisation_ms": 3_500.0}},
+     "seed 1337 (run_s1337.txt): training took 600500ms, over 600000ms"),  # the GPTQ time counts
     ({"s42": {"eval_time_ms": 600_500}}, "the scoring evaluation took 600500ms"),
     ({"s42": {"source": SOURCE + b"# changed\n"}}, "the logs come from different code"),
     ({"s42": {"settings": {"NUM_LAYERS": "10"}}}, "differ in settings other than the seed: NUM_LAYERS"),

@@ -6,7 +6,8 @@ import train_gpt as tg
 
 # 160 x 480 = 76,800 elements: above the fp16 threshold, so exported (and fake-quantised) as int6.
 H = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=160, num_heads=4, num_kv_heads=2, mlp_mult=3.0,
-                       bigram_vocab_size=0, train_seq_len=16, eval_seq_len=16, late_qat_threshold=0.15)
+                       bigram_vocab_size=0, train_seq_len=16, eval_seq_len=16, late_qat_threshold=0.15,
+                       attn_bits=3, mlp_bits=3)  # coarse, so the switch moves the loss far beyond rounding noise
 
 
 def quantised_copy(model):
@@ -29,8 +30,9 @@ def check_switch(forward, model):
         after = forward(idx, idx)
         tg.set_late_qat(model, False)
         reference = quantised_copy(model)(idx, idx)
-    assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+    # Compiled kernels round differently from eager ones (about 1e-4 here); the switch moves far more.
+    torch.testing.assert_close(after, reference, rtol=0, atol=5e-4)
+    assert (after - before).abs().max() > 20 * 5e-4
 
 
 def test_late_qat_switch_in_eager_mode():
