@@ -42,7 +42,7 @@ import sentencepiece as spm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import train_gpt  # noqa: E402  (the shard format is defined there, once)
-from train_gpt import BOS_ID, DataError, UserError  # noqa: E402
+from train_gpt import BOS_ID, DataError  # noqa: E402
 
 DATA_DIR = REPO_ROOT / "data"
 DEFAULT_VAL_DOCS = 50_000            # the challenge's validation set: the first 50,000 documents
@@ -94,7 +94,7 @@ def training_sentences(text: str, limit: int = MAX_SENTENCE_BYTES // 4) -> Itera
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: Path) -> None:
     """Train a BPE tokenizer of `vocab_size` pieces on `texts` (in the given order) and write it atomically."""
     if not MIN_VOCAB_SIZE <= vocab_size <= 65536:
-        raise UserError(f"vocabulary size {vocab_size}: expected {MIN_VOCAB_SIZE}..65536 "
+        raise DataError(f"vocabulary size {vocab_size}: expected {MIN_VOCAB_SIZE}..65536 "
                         "(4 special ids + 256 byte pieces + learned pieces; shards store ids as uint16)")
     bad_input = []
 
@@ -114,7 +114,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: Path) -> 
             minloglevel=2, **TOKENIZER_SETTINGS)
     except RuntimeError as e:  # e.g. too little text for the requested vocabulary
         if not bad_input:
-            raise UserError(f"training a {vocab_size}-piece tokenizer for {model_path} failed: {e}".strip()) from None
+            raise DataError(f"training a {vocab_size}-piece tokenizer for {model_path} failed: {e}".strip()) from None
     if bad_input:
         raise bad_input[0]
     write_atomic(model_path, model.getvalue())
@@ -276,7 +276,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def check_can_write(path: Path, overwrite: bool, what: str) -> None:
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
-        raise UserError(f"{path}: {what} already exists; pass --overwrite to replace it")
+        raise DataError(f"{path}: {what} already exists; pass --overwrite to replace it")
 
 
 def count_documents(docs_path: Path) -> int:
@@ -295,7 +295,7 @@ def build_dataset(docs_path: Path, out_dir: Path, tokenizer_path: Path, *, vocab
     if not docs_path.is_file():
         raise DataError(f"{docs_path}: documents file not found")
     if val_docs < 1 or shard_tokens < 1:
-        raise UserError(f"--val-docs {val_docs} / --shard-tokens {shard_tokens}: both must be at least 1")
+        raise DataError(f"--val-docs {val_docs} / --shard-tokens {shard_tokens}: both must be at least 1")
     check_can_write(out_dir, overwrite, "the output directory")
     n_docs = count_documents(docs_path)
     if n_docs <= val_docs:
@@ -397,7 +397,7 @@ def main(argv=None) -> int:
     try:
         if args.tokenizer is not None:
             if args.tokenizer_out is not None:
-                raise UserError("--tokenizer-out only applies when training a tokenizer (--vocab-size)")
+                raise DataError("--tokenizer-out only applies when training a tokenizer (--vocab-size)")
             tokenizer_path, vocab = args.tokenizer, load_tokenizer(args.tokenizer).vocab_size()
         else:
             vocab = args.vocab_size
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
         build_dataset(args.docs, out_dir, tokenizer_path, vocab_size=args.vocab_size, val_docs=args.val_docs,
                       shard_tokens=args.shard_tokens, tokenizer_docs=args.tokenizer_docs,
                       workers=args.workers, overwrite=args.overwrite)
-    except UserError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -44,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import train_gpt  # noqa: E402
 from data.build_shards import load_tokenizer  # noqa: E402
-from train_gpt import DataError, UserError  # noqa: E402
+from train_gpt import DataError  # noqa: E402
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"            # folder of the dataset repository that holds manifest.json
@@ -54,7 +54,7 @@ CHUNK_BYTES = 1 << 20
 ATTEMPTS = 3                        # per file, for connections that drop mid-transfer (each resumes)
 
 
-class DownloadError(UserError):
+class DownloadError(DataError):
     pass
 
 
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     try:
         source = make_source(args.base_url, args.repo_id, args.timeout)
         download(args.variant, args.train_shards, args.with_docs, args.output_root, source)
-    except UserError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -44,7 +44,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from data.build_shards import DATA_DIR, build_dataset  # noqa: E402
-from train_gpt import UserError  # noqa: E402
+from train_gpt import DataError  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SPACE, END = 26, 27
@@ -165,7 +165,7 @@ def build_synthetic(out_dir: Path, tokenizer_path: Path, *, train_docs: int, val
                     overwrite: bool = False, log=print) -> dict:
     """Sample the corpus, train a tokenizer on its training documents, write the shards; return the manifest."""
     if train_docs < 1 or val_docs < 1:
-        raise UserError(f"--train-docs {train_docs} / --val-docs {val_docs}: both must be at least 1")
+        raise DataError(f"--train-docs {train_docs} / --val-docs {val_docs}: both must be at least 1")
     P = make_chain(seed)
     docs = sample_documents(P, val_docs + train_docs, seed)
     val_bytes = sum(len(d) for d in docs[:val_docs])
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         build_synthetic(out_dir, tokenizer, train_docs=args.train_docs, val_docs=args.val_docs, seed=args.seed,
                         vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, workers=args.workers,
                         overwrite=args.overwrite)
-    except UserError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"entropy bound: val_bpb >= {entropy_bits_per_byte(make_chain(args.seed)):.4f}  "

@@ -117,11 +117,11 @@ def test_refusals(tmp_path):
     with pytest.raises(train_gpt.DataError, match="100 documents, but --val-docs 100 leaves none for training"):
         build(tmp_path, val_docs=100)
     build(tmp_path, val_docs=10)
-    with pytest.raises(train_gpt.UserError, match="already exists; pass --overwrite"):
+    with pytest.raises(train_gpt.DataError, match="already exists; pass --overwrite"):
         build(tmp_path, val_docs=10)
     build(tmp_path, val_docs=20, overwrite=True)
     assert json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())["stats"]["docs_val"] == 20
-    with pytest.raises(train_gpt.UserError, match="vocabulary size 100"):
+    with pytest.raises(train_gpt.DataError, match="vocabulary size 100"):
         build(tmp_path, "small", vocab_size=100, val_docs=10)
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
