@@ -274,6 +274,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def exit_status(command) -> int:
+    """Run a command's body: a DataError becomes one line on stderr and exit status 2 (as in train_gpt.py);
+    otherwise the status is what the body returns (None: 0)."""
+    try:
+        return command() or 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def check_can_write(path: Path, overwrite: bool, what: str) -> None:
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
         raise DataError(f"{path}: {what} already exists; pass --overwrite to replace it")
@@ -394,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def command():
         if args.tokenizer is not None:
             if args.tokenizer_out is not None:
                 raise DataError("--tokenizer-out only applies when training a tokenizer (--vocab-size)")
@@ -406,10 +417,7 @@ def main(argv=None) -> int:
         build_dataset(args.docs, out_dir, tokenizer_path, vocab_size=args.vocab_size, val_docs=args.val_docs,
                       shard_tokens=args.shard_tokens, tokenizer_docs=args.tokenizer_docs,
                       workers=args.workers, overwrite=args.overwrite)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(command)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import train_gpt  # noqa: E402
-from data.build_shards import load_tokenizer  # noqa: E402
+from data.build_shards import exit_status, load_tokenizer  # noqa: E402
 from train_gpt import DataError  # noqa: E402
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
@@ -294,13 +294,11 @@ def main(argv=None) -> int:
                                       "as an http(s) URL, a file:// URL or a local directory")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a connection or data (default %(default)s)")
     args = p.parse_args(argv)
-    try:
-        source = make_source(args.base_url, args.repo_id, args.timeout)
-        download(args.variant, args.train_shards, args.with_docs, args.output_root, source)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def command():
+        download(args.variant, args.train_shards, args.with_docs, args.output_root,
+                 make_source(args.base_url, args.repo_id, args.timeout))
+    return exit_status(command)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import train_gpt  # noqa: E402
-from data.build_shards import load_tokenizer  # noqa: E402
+from data.build_shards import exit_status, load_tokenizer  # noqa: E402
 from train_gpt import BOS_ID, DataError  # noqa: E402
 
 CHUNK_TOKENS = 1 << 24  # byte counting works through the validation stream in pieces of this many tokens
@@ -137,11 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", type=Path, help="shard files, or directories holding fineweb_*.bin shards")
     p.add_argument("--tokenizer", type=Path, help="SentencePiece .model: check ids against it, count validation bytes")
     args = p.parse_args(argv)
-    try:
-        return 0 if inspect(args.paths, args.tokenizer) else 1
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: 0 if inspect(args.paths, args.tokenizer) else 1)
 
 
 if __name__ == "__main__":

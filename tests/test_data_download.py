@@ -27,6 +27,14 @@ def remote(tmp_path, tokenizer):
     return root
 
 
+def write_part(out, rel, data):
+    """A .part file as an interrupted download leaves it."""
+    part = out / (rel + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(data)
+    return part
+
+
 def run(source, out, train_shards=3, with_docs=False, variant="sp1024"):
     lines = []
     counts = dl.download(variant, train_shards, with_docs, out, source, log=lines.append)
@@ -63,9 +71,7 @@ def test_second_run_skips_complete_files_and_redoes_damaged_ones(remote, tmp_pat
 def test_partial_file_is_resumed_from_directory(remote, tmp_path):
     out = tmp_path / "data"
     full = (remote / SHARDS[2]).read_bytes()
-    part = out / (SHARDS[2] + ".part")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(full[:3000])
+    part = write_part(out, SHARDS[2], full[:3000])
     counts, _ = run(dl.make_source(str(remote), "unused", 5), out)
     assert counts["resumed"] == 1
     assert (out / SHARDS[2]).read_bytes() == full and not part.exists()
@@ -118,9 +124,7 @@ def test_http_download_resumes_after_a_dropped_connection(remote, tmp_path):
 def test_http_partial_file_resumed_or_restarted(remote, tmp_path):
     out = tmp_path / "data"
     full = (remote / SHARDS[0]).read_bytes()
-    part = out / (SHARDS[0] + ".part")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(full[:1500])
+    part = write_part(out, SHARDS[0], full[:1500])
     with FakeHub(remote) as hub:
         counts, _ = run(dl.make_source(hub.url, "unused", 5), out)
     assert counts["resumed"] == 1 and ("GET", SHARDS[0], "bytes=1500-") in hub.requests
