@@ -185,7 +185,9 @@ def _encode_batch(task: tuple[str, list[tuple[int, bytes]]]) -> tuple[np.ndarray
     """BOS + tokens of each document of the batch, concatenated; and the number of documents."""
     path, lines = task
     texts = [parse_document(path, line_no, line) for line_no, line in lines]
-    pieces = [np.array([BOS_ID, *ids], dtype=np.uint16) for ids in _worker_sp.encode(texts, out_type=int)]
+    # One thread per worker: the workers are the parallelism (SentencePiece would otherwise start a thread per core).
+    encoded = _worker_sp.encode(texts, out_type=int, num_threads=1)
+    pieces = [np.array([BOS_ID, *ids], dtype=np.uint16) for ids in encoded]
     return np.concatenate(pieces), len(lines)
 
 
