@@ -121,6 +121,18 @@ def test_http_download_resumes_after_a_dropped_connection(remote, tmp_path):
     assert ("GET", SHARDS[3], "bytes=4000-") in hub.requests
 
 
+def test_http_second_run_checks_sizes_with_head_requests(remote, tmp_path):
+    out = tmp_path / "data"
+    with FakeHub(remote) as hub:
+        run(dl.make_source(hub.url, "unused", 5), out)
+        (out / TOKENIZER_FILES[1]).write_text("<pad>\t0\n")  # valid-looking, but not the size of the source
+        hub.requests.clear()
+        counts, _ = run(dl.make_source(hub.url, "unused", 5), out)
+    assert counts == {"present": 5, "downloaded": 1, "resumed": 0}
+    assert {r for r in hub.requests if r[0] == "HEAD"} == {("HEAD", f, None) for f in TOKENIZER_FILES}
+    assert ("GET", TOKENIZER_FILES[1], None) in hub.requests and ("GET", SHARDS[0], None) not in hub.requests
+
+
 def test_http_partial_file_resumed_or_restarted(remote, tmp_path):
     out = tmp_path / "data"
     full = (remote / SHARDS[0]).read_bytes()
