@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -26,40 +27,20 @@ CHUNK_TOKENS = 1 << 24  # byte counting works through the validation stream in p
 
 
 # =============================================================================================
-# Bytes per token (the metric's rule, DESIGN.md section 2)
+# Bytes per token: the metric's own tables and rule (train_gpt.py, DESIGN.md section 2)
 # =============================================================================================
 
-def piece_byte_tables(sp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per token id: bytes of the piece without a leading "▁", whether it has that "▁", whether it is a
-    boundary (control, unknown or unused piece: 0 bytes, and a "▁" right after it counts nothing)."""
-    n = sp.vocab_size()
-    base = np.zeros(n, dtype=np.int64)
-    leading_space = np.zeros(n, dtype=bool)
-    boundary = np.ones(n, dtype=bool)
-    for i in range(n):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("▁"):
-            leading_space[i] = True
-            piece = piece[1:]
-        base[i] = len(piece.encode("utf-8"))
-    return base, leading_space, boundary
+def byte_tables(tokenizer: Path) -> train_gpt.ByteTables:
+    return train_gpt.build_byte_tables(str(tokenizer), load_tokenizer(tokenizer).vocab_size())
 
 
-def scored_bytes(tokens: np.ndarray, tables, previous: int | None = None) -> int:
+def scored_bytes(tokens: np.ndarray, tables: train_gpt.ByteTables, previous: int | None = None) -> int:
     """Bytes the metric counts for tokens[1:] (each scored with its predecessor as context), or for all of
     `tokens` when `previous`, the token before them, is given."""
-    base, leading_space, boundary = tables
-    tokens = tokens.astype(np.int64)
+    stream = torch.from_numpy(tokens.astype(np.int64))
     if previous is not None:
-        tokens = np.concatenate([[previous], tokens])
-    targets, prev = tokens[1:], tokens[:-1]
-    return int(base[targets].sum() + (leading_space[targets] & ~boundary[prev]).sum())
+        stream = torch.cat([torch.tensor([previous]), stream])
+    return int(train_gpt.target_bytes(stream[:-1], stream[1:], tables).sum())
 
 
 # =============================================================================================
@@ -100,7 +81,7 @@ def describe(path: Path, vocab_size: int | None) -> tuple[dict, np.ndarray | Non
 def inspect(targets: list[Path], tokenizer: Path | None = None, out=print) -> bool:
     """Print the report; return True when every shard is valid."""
     sp = load_tokenizer(tokenizer) if tokenizer else None
-    tables = piece_byte_tables(sp) if sp else None
+    tables = byte_tables(tokenizer) if sp else None
     all_ok = True
     val = {"tokens": 0, "bytes": 0, "previous": None}
     out(f"{'shard':<28} {'header':<7} {'tokens':>13} {'docs':>10} {'token ids':>12}")

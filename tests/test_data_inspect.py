@@ -28,7 +28,7 @@ def report(paths, tokenizer=None):
 
 def test_byte_rule_for_leading_space_pieces(tokenizer):
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    tables = ins.piece_byte_tables(sp)
+    tables = ins.byte_tables(tokenizer)
     word = next(i for i in range(260, sp.vocab_size()) if sp.id_to_piece(i).startswith("\u2581") and len(sp.id_to_piece(i)) > 1)
     other = next(i for i in range(260, sp.vocab_size()) if not sp.id_to_piece(i).startswith("\u2581"))
     n = len(sp.id_to_piece(word).encode()) - len("\u2581".encode())
@@ -43,7 +43,7 @@ def test_scored_bytes_equal_the_text_for_plain_documents(tokenizer):
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     texts = [t.replace("\n", " ") for t in make_texts(50, seed=3)]  # no newline: nmt_nfkc would change it
     tokens = docs_stream(sp, texts)
-    assert ins.scored_bytes(tokens, ins.piece_byte_tables(sp)) == sum(len(t.encode()) for t in texts)
+    assert ins.scored_bytes(tokens, ins.byte_tables(tokenizer)) == sum(len(t.encode()) for t in texts)
 
 
 def test_report_on_good_shards(tmp_path, tokenizer):
@@ -107,7 +107,7 @@ def test_real_validation_shard(tmp_path):
     # Cross-check the byte rule against the decoded text of whole documents. Decoding maps a byte piece that is
     # not valid UTF-8 on its own to U+FFFD (3 bytes), so documents holding such pieces are left out.
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    tables = ins.piece_byte_tables(sp)
+    tables = ins.byte_tables(tokenizer)
     tokens = train_gpt.load_shard(shard)
     starts = np.flatnonzero(tokens == train_gpt.BOS_ID)
     checked = 0

@@ -96,7 +96,7 @@ def test_build_counts_bytes_exactly_and_is_reproducible(tmp_path):
     # The metric's byte count of the validation stream is exactly the number of characters of its text.
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     val = train_gpt.load_shard(out / "fineweb_val_000000.bin")
-    assert ins.scored_bytes(val, ins.piece_byte_tables(sp)) == info["val_bytes"]
+    assert ins.scored_bytes(val, ins.byte_tables(tok)) == info["val_bytes"]
     starts = list(np.flatnonzero(val == train_gpt.BOS_ID)) + [val.size]
     texts = [sp.decode(val[a + 1:b].tolist()) for a, b in zip(starts, starts[1:])]
     assert len(texts) == 60 and sum(len(t) for t in texts) == info["val_bytes"]
