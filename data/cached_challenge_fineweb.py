@@ -83,14 +83,15 @@ class HttpSource:
         headers = {"User-Agent": "parameter-golf-data/1"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        request = urllib.request.Request(self.location(rel), headers=headers, method=method)
         url = self.location(rel)
+        request = urllib.request.Request(url, headers=headers, method=method)
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             if e.code == 416:
                 raise RangeNotSatisfiable() from None
-            hint = " (the manifest lists it, but the server does not have it)" if e.code == 404 else ""
+            listed = e.code == 404 and rel != "manifest.json"
+            hint = " (the manifest lists it, but the server does not have it)" if listed else ""
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
