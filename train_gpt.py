@@ -1018,8 +1018,8 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
         scale = best_clip_scales(w, bits)
         q = gptq_round(w, H, scale, bits, damp=h.gptq_damp)
         for i, name in enumerate(names):
-            quantized[name] = (q[i].cpu(), scale[i].cpu())
-    return quantized
+            quantized[name] = (q[i], scale[i])
+    return {name: (q.cpu(), scale.cpu()) for name, (q, scale) in quantized.items()}  # packing reads host memory
 
 
 def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Linear]:
