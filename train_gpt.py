@@ -481,28 +481,6 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class OneHotGradEmbedding(torch.autograd.Function):
-    """An embedding lookup whose weight gradient is one_hot(idx)^T @ grad, a matmul. The compiled
-    default is a scatter-add whose atomics serialise when ~100K tokens land on 1-2K rows: on an H100
-    that took 6.6 ms per micro-step for the token embedding alone (profile in README.md)."""
-
-    @staticmethod
-    def forward(ctx, idx: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(idx)
-        ctx.rows = weight.size(0)
-        return F.embedding(idx, weight)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (idx,) = ctx.saved_tensors
-        one_hot = F.one_hot(idx.flatten(), ctx.rows).to(grad.dtype)
-        return None, one_hot.T @ grad.flatten(0, -2)
-
-
-def embed(idx: Tensor, table: nn.Embedding) -> Tensor:
-    return OneHotGradEmbedding.apply(idx, table.weight)
-
-
 class Linear(nn.Module):
     """x @ W^T with an fp32 master weight (matmuls run in bf16 under autocast). With late QAT the
     weight goes through the export's per-row fake quantiser once its `qat_gate` buffer is set to 1:
@@ -649,7 +627,7 @@ class BigramHash(nn.Module):
         self.scale = tagged(nn.Parameter(torch.tensor(0.05)), "control")
 
     def forward(self, idx: Tensor) -> Tensor:
-        return self.scale * self.proj(embed(bigram_rows(idx, self.rows), self.embed))
+        return self.scale * self.proj(self.embed(bigram_rows(idx, self.rows)))
 
 
 def bigram_rows(idx: Tensor, rows: int) -> Tensor:
@@ -681,7 +659,7 @@ class ValueEmbedding(nn.Module):
         self.proj = Linear(h, h.ve_dim, kv_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
 
     def forward(self, idx: Tensor) -> Tensor:
-        return self.proj(embed(idx, self.embed))
+        return self.proj(self.embed(idx))
 
 
 class GPT(nn.Module):
@@ -701,7 +679,7 @@ class GPT(nn.Module):
 
     def trunk(self, idx: Tensor) -> Tensor:
         """The one forward pass shared by training and evaluation: tokens -> final normalised states."""
-        x = embed(idx, self.tok_emb)
+        x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
         x = self.smear(rms_norm(x))
