@@ -205,24 +205,36 @@ def setting_names() -> set[str]:
     return {f.name.upper() for f in fields(Hyperparameters)}
 
 
+def setting_problem(name: str) -> str | None:
+    """Why an environment variable that is not a setting must stop the run (a typo such as XSA_LAST,
+    a record script's TTT_ENABLED), or None if it is a setting or unrelated (PATH, MAX_JOBS, ...)."""
+    accepted = setting_names() | set(LEGACY_SETTINGS)
+    if name in accepted:
+        return None
+    if name in RETIRED_SETTINGS:
+        return f"{name} is not a setting of this script: {RETIRED_SETTINGS[name]}"
+    for prefix, reason in RETIRED_PREFIXES.items():
+        if name.startswith(prefix):
+            return f"unknown setting {name}: {reason}"
+    close = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.8)
+    if close:
+        return f"unknown setting {name}: did you mean {close[0]}? (see the settings table in README.md)"
+    prefixes = {n.split("_")[0] + "_" for n in accepted} - {p + "_" for p in GENERIC_PREFIXES}
+    if any(name.startswith(p) for p in prefixes):
+        return f"unknown setting {name}: no setting has that name (see the settings table in README.md)"
+    return None
+
+
 def check_setting_names(environ) -> None:
-    """Stop on a variable that looks like a setting but is not one (a typo such as XSA_LAST=4)."""
-    known = setting_names()
-    accepted = known | set(LEGACY_SETTINGS)
-    prefixes = {name.split("_")[0] + "_" for name in accepted} - {p + "_" for p in GENERIC_PREFIXES}
     for name in sorted(environ):
-        if name in accepted:
-            continue
-        if name in RETIRED_SETTINGS:
-            raise ConfigError(f"{name} is not a setting of this script: {RETIRED_SETTINGS[name]}")
-        for prefix, reason in RETIRED_PREFIXES.items():
-            if name.startswith(prefix):
-                raise ConfigError(f"unknown setting {name}: {reason}")
-        close = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.8)
-        if close:
-            raise ConfigError(f"unknown setting {name}: did you mean {close[0]}? (see the settings table in README.md)")
-        if any(name.startswith(p) for p in prefixes):
-            raise ConfigError(f"unknown setting {name}: no setting has that name (see the settings table in README.md)")
+        if problem := setting_problem(name):
+            raise ConfigError(problem)
+
+
+def without_settings(environ) -> dict[str, str]:
+    """The environment minus everything this script would read or refuse: a clean base for launching it."""
+    accepted = setting_names() | set(LEGACY_SETTINGS)
+    return {k: v for k, v in environ.items() if k not in accepted and setting_problem(k) is None}
 
 
 def parse_setting(name: str, raw: str, kind: str):

@@ -45,9 +45,7 @@ def train_gpt_env(data_dir: Path, tokenizer: Path, vocab_size: int, run_id: str,
     Settings of train_gpt.py already in the environment are left out, so every machine runs the same thing."""
     values = {**TINY_MODEL, **TINY_RUN, **settings,
               "DATA_PATH": data_dir, "TOKENIZER_PATH": tokenizer, "VOCAB_SIZE": vocab_size, "RUN_ID": run_id}
-    ours = train_gpt.setting_names() | set(train_gpt.LEGACY_SETTINGS) | set(train_gpt.RETIRED_SETTINGS)
-    inherited = {k: v for k, v in os.environ.items() if k not in ours}
-    return {**inherited, **{k: str(v) for k, v in values.items()}}
+    return {**train_gpt.without_settings(os.environ), **{k: str(v) for k, v in values.items()}}
 
 
 def run_train_gpt(env: dict[str, str], cwd: Path, echo=True) -> list[str]:

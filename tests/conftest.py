@@ -27,17 +27,11 @@ TINY_SETTINGS = dict(
 )
 
 
-def clean_environ() -> dict:
-    """The current environment without anything that looks like a setting of train_gpt.py."""
-    import train_gpt
-    names = train_gpt.setting_names() | set(train_gpt.LEGACY_SETTINGS) | set(train_gpt.RETIRED_SETTINGS)
-    return {k: v for k, v in os.environ.items() if k not in names}
-
-
 def run_script(cwd: Path, corpus, nproc: int = 1, timeout: int = 300, **settings) -> subprocess.CompletedProcess:
     """Run train_gpt.py (plainly, or under torchrun with nproc processes) in `cwd`."""
     data, tokenizer = corpus
-    env = clean_environ() | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), OMP_NUM_THREADS="1") | TINY_SETTINGS
+    import train_gpt
+    env = train_gpt.without_settings(os.environ) | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), OMP_NUM_THREADS="1") | TINY_SETTINGS
     env |= {k: str(v) for k, v in settings.items()}
     script = str(REPO / "train_gpt.py")
     command = [sys.executable, script] if nproc == 1 else [

@@ -68,3 +68,9 @@ def test_readme_settings_table_is_current():
     assert readme == readme_settings.readme_with_table(readme), "run: python tests/readme_settings.py"
     for f in dataclasses.fields(tg.Hyperparameters):
         assert f"| `{f.name.upper()}` |" in readme, f.name
+
+
+def test_without_settings_keeps_only_what_the_script_ignores():
+    environ = env("PATH=/bin MAX_JOBS=4 XSA_LAST_N=3 XSA_LAST=4 TTT_ENABLED=1 EMA_ENABLED=1 TIE_EMBEDDINGS=1 MUON_FOO=2")
+    assert tg.without_settings(environ) == {"PATH": "/bin", "MAX_JOBS": "4"}
+    assert tg.Hyperparameters.from_env(tg.without_settings(environ)) == tg.Hyperparameters()
