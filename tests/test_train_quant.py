@@ -101,5 +101,6 @@ def test_calibration_and_quantisation_are_charged_to_the_training_clock(run):
                        r"calibration_tokens:1024$", log, re.M)
     assert stop and budget and reserved > 0
     train_ms, quant_ms, total_ms = map(int, budget.groups())
-    assert int(stop.group(1)) + reserved <= 2000 and total_ms == train_ms + quant_ms and total_ms <= 2000
+    assert int(stop.group(1)) + reserved <= 2000 and total_ms <= 2000
+    assert abs(total_ms - (train_ms + quant_ms)) <= 1  # each figure is rounded to a whole millisecond
     assert "int" in log and re.search(r"^artifact: .*\(gptq; 0 quantised \+-1 values zeroed", log, re.M)
