@@ -317,19 +317,24 @@ def load_shard(path) -> np.ndarray:
     return np.fromfile(path, dtype=SHARD_TOKEN_DTYPE, count=n_tokens, offset=SHARD_HEADER_BYTES)
 
 
+def write_atomic(path, *chunks: bytes) -> None:
+    """Write the chunks under a temporary name, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    os.replace(tmp, path)
+
+
 def write_shard(path, tokens) -> None:
-    """Write a shard atomically (temporary name, then rename)."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(SHARD_TOKEN_DTYPE).max):
         raise DataError(f"{path}: token ids must be in 0..65535")
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
-    os.replace(tmp, path)
+    write_atomic(path, header.tobytes(), tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
 
 
 def shard_files(pattern: str, what: str) -> list[str]:
@@ -1195,9 +1200,7 @@ def export_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantiz
     """Pack, fit to the byte budget, compress and write (temporary name, then rename).
     Returns (artifact bytes, quantised values zeroed to fit)."""
     blob, pruned = fit_to_budget(state, formats, quantized, asdict(h), hessians, budget)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    write_atomic(path, blob)
     return len(blob), pruned
 
 

@@ -42,7 +42,7 @@ import sentencepiece as spm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import train_gpt  # noqa: E402  (the shard format is defined there, once)
-from train_gpt import BOS_ID, DataError  # noqa: E402
+from train_gpt import BOS_ID, DataError, write_atomic  # noqa: E402
 
 DATA_DIR = REPO_ROOT / "data"
 DEFAULT_VAL_DOCS = 50_000            # the challenge's validation set: the first 50,000 documents
@@ -267,13 +267,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def exit_status(command) -> int:
