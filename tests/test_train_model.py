@@ -87,3 +87,24 @@ def test_init_is_seeded_and_output_projections_start_at_zero():
     assert a.blocks[0].attn.proj.weight.abs().sum() == 0 and a.blocks[0].mlp.proj.weight.abs().sum() == 0
     w = a.blocks[0].attn.c_q.weight  # 64x64: orthogonal
     torch.testing.assert_close(w @ w.T, torch.eye(64), atol=1e-5, rtol=0)
+
+
+def test_residual_dtype_under_autocast():
+    """RESIDUAL_DTYPE=bf16 carries the stream between blocks in autocast's dtype; fp32 keeps the records'
+    float32 stream. Outside autocast (the CPU path) both are float32, and the two agree closely."""
+    idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    seen, losses = {}, {}
+    for dtype in ("bf16", "fp32"):
+        model = tg.build_model(tiny_h(residual_dtype=dtype))
+        # give the zero-initialised projections weight, so every block changes the stream
+        for block in model.blocks:
+            torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+            torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+        def record(module, args, dtype=dtype):
+            seen.setdefault(dtype, (args[0].dtype, args[1].dtype))
+        model.blocks[1].register_forward_pre_hook(record)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[dtype] = model(idx, targets).item()
+        assert model(idx, targets).dtype == torch.float32
+    assert seen == {"bf16": (torch.bfloat16, torch.bfloat16), "fp32": (torch.float32, torch.float32)}
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.02 * losses["fp32"]
