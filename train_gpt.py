@@ -785,7 +785,9 @@ class Optimizers:
 
     One step: average the gradients over ranks (Muon buckets are reduce-scattered, so each rank holds
     only the slots it orthogonalises; the rest is all-reduced), clip by the global norm, then Muon on
-    each rank's slots with the updates all-gathered, then AdamW. The arithmetic applied to each matrix
+    each rank's slots with the updates all-gathered, then AdamW. Communication overlaps compute: the
+    reductions are all in flight together, and each bucket's all-gather runs during the Newton-Schulz
+    of the buckets after it. The arithmetic applied to each matrix
     is the same for any world size."""
 
     def __init__(self, model: nn.Module, routes: dict[str, str], h: Hyperparameters, rt: Runtime, orthogonalize):
@@ -807,16 +809,16 @@ class Optimizers:
         h, rt = self.h, self.rt
         adam_grads = torch.cat([p.grad.flatten() for p in self.adam_params])
         pending = dist.all_reduce(adam_grads, op=dist.ReduceOp.AVG, async_op=True) if rt.distributed else None
-        shards = []
-        for bucket in self.buckets:
+        shards, pending = [], [pending] if pending is not None else []
+        for bucket in self.buckets:  # every reduction is in flight at once
             stack = torch.stack([p.grad for p in bucket.params] + bucket.padding)
             if rt.distributed:
                 shard = stack.new_empty((bucket.per_rank, *stack.shape[1:]))
-                dist.reduce_scatter_tensor(shard, stack, op=dist.ReduceOp.AVG)
+                pending.append(dist.reduce_scatter_tensor(shard, stack, op=dist.ReduceOp.AVG, async_op=True))
                 stack = shard
             shards.append(stack)
-        if pending is not None:
-            pending.wait()
+        for work in pending:
+            work.wait()
 
         if h.grad_clip_norm > 0:
             square_sum = sum(s.float().square().sum() for s in shards)
@@ -829,16 +831,21 @@ class Optimizers:
                 s.mul_(clip)
 
         lr = h.matrix_lr * lr_scale
+        updates = []
         for bucket, grad in zip(self.buckets, shards):
             if bucket.momentum is None:
                 bucket.momentum = torch.zeros_like(grad)
             bucket.momentum.mul_(momentum).add_(grad)
             update = self.orthogonalize(grad.add(bucket.momentum, alpha=momentum), h.muon_backend_steps)  # Nesterov
-            update = update * bucket.update_scale
-            if rt.distributed:
+            update, work = update * bucket.update_scale, None
+            if rt.distributed:  # gathered while the next buckets are orthogonalised
                 gathered = update.new_empty((bucket.per_rank * rt.world_size, *update.shape[1:]))
-                dist.all_gather_into_tensor(gathered, update)
+                work = dist.all_gather_into_tensor(gathered, update, async_op=True)
                 update = gathered
+            updates.append((bucket, update, work))
+        for bucket, update, work in updates:
+            if work is not None:
+                work.wait()
             torch._foreach_mul_(bucket.params, 1.0 - lr * h.muon_wd)
             torch._foreach_add_(bucket.params, list(update[:len(bucket.params)].float().unbind(0)), alpha=-lr)
 
