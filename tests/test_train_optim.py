@@ -46,6 +46,7 @@ def sharded_worker(rank, world_size, init_file, out_file):
     result = two_steps(model, h, rt, [grads[rank], grads[rank]])
     if rank == 0:
         torch.save(result, out_file)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 
