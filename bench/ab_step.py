@@ -1,0 +1,61 @@
+"""Step time and train_loss of several copies of train_gpt.py (issue 6's A/B): 50 steps each, in one
+process, same seed and batches; the record configuration unless the environment says otherwise.
+Prints the mean step time over steps 11-50, the peak memory, the largest relative train_loss
+difference from the first copy, and the sliding-window evaluation throughput (64 windows per batch).
+
+    DATA_PATH=... TOKENIZER_PATH=... python3 bench/ab_step.py /tmp/before.py train_gpt.py
+"""
+import importlib.util, os, sys, time, torch
+
+
+def load(path: str, index: int):
+    spec = importlib.util.spec_from_file_location(f"variant{index}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(tg, steps: int = 50):
+    torch._dynamo.reset()
+    h = tg.Hyperparameters.from_env(os.environ)
+    rt = tg.setup_runtime(h, os.environ)
+    model = tg.build_model(h).to(rt.device)
+    train_model = torch.compile(model, dynamic=False, fullgraph=True)
+    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, torch.compile(tg.newton_schulz, dynamic=False, fullgraph=True))
+    loader = tg.TrainLoader(h, rt)
+    torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for step in range(steps):
+        x, y = loader.next_batch()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=rt.device)
+        for m in range(h.grad_accum_steps):
+            with tg.autocast(rt):
+                loss = train_model(x[m], y[m])
+            (loss / h.grad_accum_steps).backward()
+            total += loss.detach()
+        opt.step(1.0, tg.muon_momentum_at(h, step))
+        losses.append((total / h.grad_accum_steps).item())
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() // 2**20
+    val = tg.load_validation_tokens(h)[: 2048 * 64 + h.eval_seq_len + 1]
+    hb = tg.Hyperparameters(**{**tg.asdict(h), "eval_batch_seqs": 64})
+    evaluator = tg.Evaluator(model, hb, rt, val, tg.build_byte_tables(h.tokenizer_path, h.vocab_size))
+    evaluator.score(sliding=True)  # compile
+    _, _, ms = evaluator.score(sliding=True)
+    return losses, sum(times[10:]) / len(times[10:]) * 1000, peak, (len(val) - 1) / ms * 1000
+
+
+results = []
+for i, path in enumerate(sys.argv[1:]):
+    losses, ms, peak, eval_rate = run(load(path, i))
+    results.append(losses)
+    print(f"{path}: {ms:.1f} ms/step (steps 11-50), peak {peak:,} MiB, sliding eval {eval_rate:,.0f} scored tokens/s", flush=True)
+for path, losses in zip(sys.argv[2:], results[1:]):
+    rel = [abs(a - b) / abs(a) for a, b in zip(results[0], losses)]
+    worst = max(range(len(rel)), key=rel.__getitem__)
+    print(f"{path} vs {sys.argv[1]}: train_loss within {rel[worst]:.2%} over {len(rel)} steps (largest at step {worst + 1}); "
+          f"step {len(rel)}: {losses[-1]:.4f} vs {results[0][-1]:.4f}")
+for path, losses in zip(sys.argv[1:], results):
+    print(path, " ".join(f"{v:.4f}" for v in losses))
