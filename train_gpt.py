@@ -58,7 +58,7 @@ class Hyperparameters:
     rope_base: float = 20452.0       # rotary base, the one actually used (see above)
     rope_dims: int = 0               # rotary on the first ROPE_DIMS dims of each head; 0 = all
     ln_scale: bool = False           # scale each block's normalised input by 1/sqrt(layer+1)
-    qk_gain_init: float = 1.5        # initial per-head gain on the queries
+    qk_gain_init: float = 4.0        # initial per-head gain on the queries (1.5 in the 1.1271 record; 4.0: PR #1125, and the proxy ablation)
     xsa_last_n: int = 4              # exclusive self attention on the last N blocks (0..NUM_LAYERS)
     bigram_vocab_size: int = 2048    # BigramHash rows; 0 = off
     bigram_dim: int = 128            # width of a BigramHash row
