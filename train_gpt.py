@@ -1588,7 +1588,7 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
 # Settings that fix the shape of the saved weights: re-scoring takes them from the artifact.
 MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
                   "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n", "bigram_vocab_size",
-                  "bigram_dim", "ve_layers", "ve_dim")
+                  "bigram_dim", "ve_layers", "ve_dim", "residual_dtype")
 
 
 def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
@@ -1596,6 +1596,7 @@ def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     path = Path(h.eval_artifact)
     state, config = load_artifact(path)
     for name in MODEL_SETTINGS:
+        config.setdefault(name, getattr(h, name))  # an artifact older than the setting: this run's value
         if getattr(h, name) != config[name]:
             if name in h.from_environment:
                 raise ConfigError(f"{name.upper()}={getattr(h, name)} but {path} was trained with {name.upper()}={config[name]}")

@@ -67,6 +67,8 @@ def test_rescoring_the_artifact_reproduces_the_final_scores(trained, tiny_corpus
     cwd, _ = trained
     result = run_script(cwd, tiny_corpus, RUN_ID="rescore", EVAL_ARTIFACT="logs/tiny.model.zst", NUM_LAYERS="11")
     assert result.returncode == 2 and "NUM_LAYERS=11 but logs/tiny.model.zst was trained with NUM_LAYERS=2" in result.stderr
+    result = run_script(cwd, tiny_corpus, RUN_ID="rescore_fp32", EVAL_ARTIFACT="logs/tiny.model.zst", RESIDUAL_DTYPE="fp32")
+    assert result.returncode == 2 and "RESIDUAL_DTYPE=fp32 but logs/tiny.model.zst was trained with RESIDUAL_DTYPE=bf16" in result.stderr
     result = run_script(cwd, tiny_corpus, RUN_ID="rescore2", EVAL_ARTIFACT="logs/tiny.model.zst")
     assert result.returncode == 0, result.stderr
     trained_log, rescored = (cwd / "logs/tiny.txt").read_text(), (cwd / "logs/rescore2.txt").read_text()
