@@ -1195,16 +1195,16 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
     fast_level = 3
     ratio = len(blob) / len(artifact(0, fast_level))
     lo, hi = 0, len(order)
-    if len(artifact(hi, ZSTD_LEVEL)) > budget:
-        raise RunError(f"the artifact cannot fit {budget} bytes even with all {hi} quantised +-1 values zeroed "
-                       f"(it is {len(blob) - budget} bytes over before pruning): lower MLP_BITS or ATTN_BITS")
     while hi - lo > max(1, len(order) // 2000):  # bisect on the fast estimate
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if len(artifact(mid, fast_level)) * ratio <= budget else (mid, hi)
     k = hi
-    while len(blob := artifact(k, ZSTD_LEVEL)) > budget:
+    while len(packed := artifact(k, ZSTD_LEVEL)) > budget:
+        if k == len(order):
+            raise RunError(f"the artifact cannot fit {budget} bytes even with all {k} quantised +-1 values zeroed "
+                           f"(it is {len(blob) - budget} bytes over before pruning): lower MLP_BITS or ATTN_BITS")
         k = min(len(order), k + max(1000, k // 20))
-    return blob, k
+    return packed, k
 
 
 def export_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
