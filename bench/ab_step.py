@@ -11,6 +11,7 @@ import importlib.util, os, sys, time, torch
 def load(path: str, index: int):
     spec = importlib.util.spec_from_file_location(f"variant{index}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -20,14 +21,17 @@ def run(tg, steps: int = 50):
     h = tg.Hyperparameters.from_env(os.environ)
     rt = tg.setup_runtime(h, os.environ)
     model = tg.build_model(h).to(rt.device)
-    train_model = torch.compile(model, dynamic=False, fullgraph=True)
-    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, torch.compile(tg.newton_schulz, dynamic=False, fullgraph=True))
+    compile_ = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if rt.compile else (lambda f: f)
+    train_model = compile_(model)
+    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, compile_(tg.newton_schulz))
     loader = tg.TrainLoader(h, rt)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = rt.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for step in range(steps):
         x, y = loader.next_batch()
-        torch.cuda.synchronize()
+        tg.synchronize(rt)
         t0 = time.perf_counter()
         total = torch.zeros((), device=rt.device)
         for m in range(h.grad_accum_steps):
@@ -38,7 +42,7 @@ def run(tg, steps: int = 50):
         opt.step(1.0, tg.muon_momentum_at(h, step))
         losses.append((total / h.grad_accum_steps).item())
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() // 2**20
+    peak = torch.cuda.max_memory_allocated() // 2**20 if cuda else 0
     val = tg.load_validation_tokens(h)[: 2048 * 64 + h.eval_seq_len + 1]
     hb = tg.Hyperparameters(**{**tg.asdict(h), "eval_batch_seqs": 64})
     evaluator = tg.Evaluator(model, hb, rt, val, tg.build_byte_tables(h.tokenizer_path, h.vocab_size))
