@@ -808,8 +808,8 @@ class Optimizers:
     def step(self, lr_scale: float, momentum: float) -> None:
         h, rt = self.h, self.rt
         adam_grads = torch.cat([p.grad.flatten() for p in self.adam_params])
-        pending = dist.all_reduce(adam_grads, op=dist.ReduceOp.AVG, async_op=True) if rt.distributed else None
-        shards, pending = [], [pending] if pending is not None else []
+        pending = [dist.all_reduce(adam_grads, op=dist.ReduceOp.AVG, async_op=True)] if rt.distributed else []
+        shards = []
         for bucket in self.buckets:  # every reduction is in flight at once
             stack = torch.stack([p.grad for p in bucket.params] + bucket.padding)
             if rt.distributed:
