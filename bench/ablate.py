@@ -109,8 +109,10 @@ def table(arms: list[str], seeds: list[int], tag: str, workdir: Path) -> tuple[s
             continue
         bpb = [s.val_bpb for s in scores]
         mean = statistics.fmean(bpb)
-        base = mean if base is None else base
-        delta = "" if mean == base and arm == arms[0] else f"{mean - base:+.4f}"
+        if arm == arms[0]:
+            base, delta = mean, ""
+        else:
+            delta = f"{mean - base:+.4f}" if base is not None else "(no reference)"
         total = max(r.total_bytes or 0 for r in runs)
         size = f"{total:,}" + (" (over the cap)" if total > MAX_TOTAL_BYTES else "")
         rows.append(f"| {arm} | {' / '.join(f'{b:.4f}' for b in bpb)} | {mean:.4f} | {delta} | "
