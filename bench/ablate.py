@@ -64,6 +64,14 @@ def gpu_count() -> int:
         return 0
 
 
+def thread_limits(env: dict, slots: int, cores: int) -> dict:
+    """The CPU threads of each of `slots` runs side by side: an equal share of the cores for OpenMP and
+    for inductor's compile workers, unless the environment sets them. Left at their defaults, 8 runs on
+    a 128-core machine each start a pool of compile workers sized for the whole machine."""
+    share = str(max(1, cores // slots))
+    return dict(OMP_NUM_THREADS=share, TORCHINDUCTOR_COMPILE_THREADS=share) | env
+
+
 def run_all(jobs: list[tuple[str, dict]], slots: int, gpus: int, workdir: Path) -> None:
     """jobs: (RUN_ID, environment). At most `slots` at once; slot k uses GPU k modulo the GPU count."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -72,19 +80,20 @@ def run_all(jobs: list[tuple[str, dict]], slots: int, gpus: int, workdir: Path) 
         for slot in range(slots):
             if slot not in running and waiting:
                 rid, env = waiting.pop(0)
+                env = thread_limits(env, slots, os.cpu_count() or 1)
                 if gpus:
                     env = env | dict(CUDA_VISIBLE_DEVICES=str(slot % gpus))
                 out = open(workdir / "logs" / f"{rid}.out", "w")
                 proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=env,
                                         stdout=out, stderr=subprocess.STDOUT)
                 running[slot] = (rid, proc, out, time.time())
-                print(f"started {rid} on {f'GPU {slot % gpus}' if gpus else 'the CPU'}", flush=True)
+                print(f"{time.strftime('%H:%M:%S')} started {rid} on {f'GPU {slot % gpus}' if gpus else 'the CPU'}", flush=True)
         time.sleep(0.5)
         for slot, (rid, proc, out, t0) in list(running.items()):
             if proc.poll() is not None:
                 out.close()
                 del running[slot]
-                print(f"finished {rid}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
+                print(f"{time.strftime('%H:%M:%S')} finished {rid}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
 
 
 def eval_seconds(run) -> str:

@@ -66,3 +66,10 @@ def test_a_failed_run_shows_in_the_table_and_the_exit_code(tmp_path, tiny_corpus
     assert code == 1
     assert "no score: see" in out and "f_defaults_s1337.out" in out
     assert "no_such_dir" in (tmp_path / "logs" / "f_defaults_s1337.out").read_text()
+
+
+def test_runs_side_by_side_share_the_cores_unless_the_environment_says():
+    assert ablate.thread_limits({}, slots=8, cores=128) == dict(OMP_NUM_THREADS="16", TORCHINDUCTOR_COMPILE_THREADS="16")
+    assert ablate.thread_limits({}, slots=4, cores=2)["OMP_NUM_THREADS"] == "1"
+    mine = ablate.thread_limits(dict(OMP_NUM_THREADS="3", X="y"), slots=2, cores=64)
+    assert mine == dict(OMP_NUM_THREADS="3", TORCHINDUCTOR_COMPILE_THREADS="32", X="y")
