@@ -36,17 +36,17 @@ def test_runs_every_arm_and_seed_and_tabulates(tmp_path, tiny_corpus, monkeypatc
     monkeypatch.setenv("TOKENIZER_PATH", str(tokenizer))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("QK_GAIN_INIT", "9.0")  # settings in the environment are ignored: --base is the way
-    arms = ["defaults", "QK_GAIN_INIT=1.5 LOGIT_SOFTCAP=20"]
+    arms = ["defaults", "QK_GAIN_INIT=1.5 LOGIT_SOFTCAP=30"]
     code = ablate.main(["--workdir", str(tmp_path), "--seeds", "1,2", "--slots", "2", "--tag", "t", "--base", TINY, *arms])
     out = capsys.readouterr().out
     assert code == 0, out
     scores = {}
-    for arm, slug in zip(arms, ["defaults", "QK_GAIN_INIT-1.5-LOGIT_SOFTCAP-20"]):
+    for arm, slug in zip(arms, ["defaults", "QK_GAIN_INIT-1.5-LOGIT_SOFTCAP-30"]):
         runs = [parse_log(tmp_path / "logs" / f"t_{slug}_s{seed}.txt") for seed in (1, 2)]
         assert [r.seed for r in runs] == [1, 2]
         assert all(r.settings["ITERATIONS"] == "6" for r in runs)
         scores[arm] = [r.score().val_bpb for r in runs]
-    assert runs[0].settings["QK_GAIN_INIT"] == "1.5" and runs[0].settings["LOGIT_SOFTCAP"] == "20.0"
+    assert runs[0].settings["QK_GAIN_INIT"] == "1.5" and runs[0].settings["LOGIT_SOFTCAP"] == "30.0"
     first = parse_log(tmp_path / "logs" / "t_defaults_s1.txt")
     assert first.settings["QK_GAIN_INIT"] == "4.0"  # the script's default, not the environment's 9.0
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
