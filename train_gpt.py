@@ -768,16 +768,6 @@ def newton_schulz(g: Tensor, steps: int) -> Tensor:
     return x.mT if transposed else x
 
 
-def orthogonalizer(rt: Runtime):
-    """newton_schulz as training runs it. Compiled, it replays CUDA graphs ("reduce-overhead"): the
-    optimiser step is bound by the CPU launching its small kernels, and the graphs took the step from
-    4.1 to 2.7-3.7 ms on an H200 (README). Its output is overwritten by the next call of the same
-    shape, so use it before then (Optimizers.step scales it at once)."""
-    if not rt.compile:
-        return newton_schulz
-    return torch.compile(newton_schulz, dynamic=False, fullgraph=True, mode="reduce-overhead")
-
-
 class MuonBucket:
     """Muon matrices of one shape. Each rank owns `per_rank` consecutive slots of the (padded) stack."""
 
@@ -1482,7 +1472,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     """Train until ITERATIONS or the time cap, load the weight average, and quantise for export inside
     the training budget. Returns quantize_for_export's result."""
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
-    orthogonalize = orthogonalizer(rt)
+    orthogonalize = torch.compile(newton_schulz, dynamic=False, fullgraph=True) if rt.compile else newton_schulz
     loader = TrainLoader(h, rt)
     calibration_batches = h.gptq_calib_batches if h.quant_method == "gptq" else 0
 

@@ -23,8 +23,7 @@ def run(tg, steps: int = 50):
     model = tg.build_model(h).to(rt.device)
     compile_ = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if rt.compile else (lambda f: f)
     train_model = compile_(model)
-    orthogonalize = tg.orthogonalizer(rt) if hasattr(tg, "orthogonalizer") else compile_(tg.newton_schulz)  # older copies lack it
-    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, orthogonalize)
+    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, compile_(tg.newton_schulz))
     loader = tg.TrainLoader(h, rt)
     cuda = rt.device.type == "cuda"
     if cuda:

@@ -61,7 +61,7 @@ def main() -> None:
         raise SystemExit("run under torchrun with at least 2 processes")
     model = tg.build_model(h).to(rt.device)
     train_model = torch.compile(model, dynamic=False, fullgraph=True)
-    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, tg.orthogonalizer(rt))
+    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, torch.compile(tg.newton_schulz, dynamic=False, fullgraph=True))
     loader = tg.TrainLoader(h, rt)
     opt_ms = []
 

@@ -1,5 +1,5 @@
 """The optimiser step alone (issue 6), record model, random gradients, on one GPU: Newton-Schulz compiled
-plainly against compiled with CUDA graphs (mode "reduce-overhead", what train_gpt.orthogonalizer gives).
+plainly against compiled with CUDA graphs (mode "reduce-overhead"; training uses the first).
 For each, twice in turn: the step's wall time (synchronised before and after), the CPU time until
 step() returns (close to the wall time: the step is bound by launching kernels), Newton-Schulz's CPU
 time per call for each bucket shape, and how far its output is from the uncompiled function.
