@@ -74,3 +74,17 @@ def test_disjoint_windows_equal_a_plain_loop():
     assert len(nll) == 6 * 32
     assert loss == pytest.approx(nll.double().mean().item(), rel=1e-6)
     assert bpb == pytest.approx(nll.double().sum().item() / (math.log(2) * len(nll)), rel=1e-6)
+
+
+def test_prime_runs_each_scoring_shape_once_when_compiling():
+    h = tiny_h(eval_seq_len=32, eval_stride=8, eval_batch_seqs=3)
+    tables = tg.ByteTables(torch.ones(96, dtype=torch.long), torch.zeros(96, dtype=torch.bool), torch.zeros(96, dtype=torch.bool))
+    evaluator = tg.Evaluator(tg.build_model(h), h, CpuRuntime(), torch.randint(0, 96, (200,)), tables)
+    calls = []
+    evaluator.token_nll = lambda x, y, tail: calls.append((tuple(x.shape), tuple(y.shape), tail))
+    evaluator.prime()
+    assert calls == []  # nothing to compile
+    evaluator.rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=True)
+    evaluator.prime()
+    # the shapes score() uses: whole windows (the first sliding window, the disjoint evaluation) and stride tails
+    assert sorted(calls) == [((3, 32), (3, 32), 8), ((3, 32), (3, 32), 32)]
