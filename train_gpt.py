@@ -1263,10 +1263,11 @@ class Evaluator:
         zeros, so that an evaluation's eval_time is scoring, not compiling. Returns the seconds taken."""
         t0 = time.perf_counter()
         if self.rt.compile:
-            x = torch.zeros(self.h.eval_batch_seqs, self.h.eval_seq_len, dtype=torch.long, device=self.rt.device)
+            # the views that _score passes: strides, not only shapes, select a compiled graph
+            tokens = torch.zeros(self.h.eval_batch_seqs, self.h.eval_seq_len + 1, dtype=torch.long, device=self.rt.device)
             for tail in sorted({self.h.eval_seq_len, self.h.eval_stride}):
                 with autocast(self.rt):
-                    self.token_nll(x, x, tail)
+                    self.token_nll(tokens[:, :-1], tokens[:, 1:], tail)
             synchronize(self.rt)
         return time.perf_counter() - t0
 
