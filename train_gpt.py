@@ -1263,13 +1263,17 @@ class Evaluator:
         zeros, so that an evaluation's eval_time is scoring, not compiling. Returns the seconds taken."""
         t0 = time.perf_counter()
         if self.rt.compile:
-            # the views that _score passes: strides, not only shapes, select a compiled graph
-            tokens = torch.zeros(self.h.eval_batch_seqs, self.h.eval_seq_len + 1, dtype=torch.long, device=self.rt.device)
+            rows = torch.zeros(self.h.eval_batch_seqs, self.h.eval_seq_len + 1, dtype=torch.long, device=self.rt.device)
             for tail in sorted({self.h.eval_seq_len, self.h.eval_stride}):
-                with autocast(self.rt):
-                    self.token_nll(tokens[:, :-1], tokens[:, 1:], tail)
+                self._nll(rows, tail)
             synchronize(self.rt)
         return time.perf_counter() - t0
+
+    def _nll(self, rows: Tensor, tail: int) -> Tensor:
+        """token_nll of (B, window + 1) token rows, inputs and targets as views of them: the one call
+        of the compiled function, so that prime() compiles what scoring runs (strides select the graph too)."""
+        with autocast(self.rt):
+            return self.token_nll(rows[:, :-1], rows[:, 1:], tail)
 
     @torch.no_grad()
     def score(self, sliding: bool) -> tuple[float, float, float]:
@@ -1307,12 +1311,10 @@ class Evaluator:
             n = min(batch, len(starts) - i)
             s[:n], f[:n] = torch.from_numpy(starts[i:i + n]), torch.from_numpy(first[i:i + n])
             s, f = s.to(device), f.to(device)
-            tokens = self.tokens[s[:, None] + offsets]
-            x, y = tokens[:, :-1], tokens[:, 1:]
-            with autocast(self.rt):
-                nll = self.token_nll(x, y, tail)
+            rows = self.tokens[s[:, None] + offsets]
+            nll = self._nll(rows, tail)
             scored = positions[None, :] >= f[:, None]
-            n_bytes = target_bytes(x[:, -tail:], y[:, -tail:], self.tables)
+            n_bytes = target_bytes(rows[:, -tail - 1:-1], rows[:, -tail:], self.tables)
             totals += torch.stack([(nll.double() * scored).sum(), scored.sum().double(), (n_bytes * scored).sum().double()])
         return totals
 
