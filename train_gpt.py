@@ -787,8 +787,7 @@ class Optimizers:
     only the slots it orthogonalises; the rest is all-reduced), clip by the global norm, then Muon on
     each rank's slots with the updates all-gathered, then AdamW. Communication overlaps compute: the
     reductions are all in flight together, and each bucket's all-gather runs during the Newton-Schulz
-    of the buckets after it. The arithmetic applied to each matrix
-    is the same for any world size."""
+    of the buckets after it. The arithmetic applied to each matrix is the same for any world size."""
 
     def __init__(self, model: nn.Module, routes: dict[str, str], h: Hyperparameters, rt: Runtime, orthogonalize):
         self.h, self.rt, self.orthogonalize = h, rt, orthogonalize
