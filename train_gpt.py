@@ -539,22 +539,25 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
-        cos = self.cos[None, :x.size(1), None, :].to(x.dtype)
-        sin = self.sin[None, :x.size(1), None, :].to(x.dtype)
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:  # x: (B, T, H, D) at positions start, start+1, ...
+        cos = self.cos[None, start:start + x.size(1), None, :].to(x.dtype)
+        sin = self.sin[None, start:start + x.size(1), None, :].to(x.dtype)
         x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
         rotated = (x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims:])
         return torch.cat(rotated, dim=-1)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D), Hkv dividing H. Returns (B, T, H, D)."""
+    """q: (B, Tq, H, D), the last Tq of the T positions; k, v: (B, T, Hkv, D), Hkv dividing H.
+    Returns (B, Tq, H, D)."""
     q, k = q.to(v.dtype), k.to(v.dtype)
-    if backend == "fa3":
+    if backend == "fa3":  # its causal mask is aligned to the last positions
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    Tq, T = q.size(1), k.size(1)
+    mask = None if Tq == T else torch.ones(Tq, T, dtype=torch.bool, device=q.device).tril(T - Tq)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -584,20 +587,21 @@ class Attention(nn.Module):
         self.xsa = layer >= h.num_layers - h.xsa_last_n
         self.backend = h.attn_backend
 
-    def forward(self, x: Tensor, value_embed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, value_embed: Tensor | None, tail: int) -> Tensor:
+        """The outputs of the last `tail` positions, attending to all T."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        q = self.c_q(x[:, T - tail:]).view(B, tail, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         if value_embed is not None:
             v = v + value_embed.view_as(v)
-        q = self.rotary(rms_norm(q))
+        q = self.rotary(rms_norm(q), start=T - tail)
         q = q * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v, self.backend)
         if self.xsa:
-            y = exclusive_self_attention(y, v)
-        return self.proj(y.reshape(B, T, -1))
+            y = exclusive_self_attention(y, v[:, T - tail:])
+        return self.proj(y.reshape(B, tail, -1))
 
 
 class MLP(nn.Module):
@@ -626,11 +630,14 @@ class Block(nn.Module):
         self.input_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
         self.ve_scale = tagged(nn.Parameter(torch.tensor(0.1)), "control") if layer in h.value_embedding_layers() else None
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, tail: int | None = None) -> Tensor:
+        """Outputs of every position, or of the last `tail` only (their attention still reads all)."""
         mix = self.resid_mix.to(x.dtype)  # the stream keeps its dtype (see GPT.trunk)
         x = mix[0] * x + mix[1] * x0
         ve = self.ve_scale * value_embed if self.ve_scale is not None else None
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.input_scale, ve)
+        tail = tail or x.size(1)
+        attn = self.attn(rms_norm(x) * self.input_scale, ve, tail)
+        x = x[:, x.size(1) - tail:] + self.attn_scale.to(x.dtype) * attn
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale)
 
 
@@ -697,8 +704,9 @@ class GPT(nn.Module):
         num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
         self.skip_weights = tagged(nn.Parameter(torch.ones(num_skips, h.model_dim)), "control")
 
-    def trunk(self, idx: Tensor) -> Tensor:
-        """The one forward pass shared by training and evaluation: tokens -> final normalised states."""
+    def trunk(self, idx: Tensor, tail: int | None = None) -> Tensor:
+        """The one forward pass shared by training and evaluation: tokens -> final normalised states,
+        of every position or of the last `tail` (then the last block computes only those)."""
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
@@ -711,7 +719,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, value_embed if block.ve_scale is not None else None)
+            last = i == len(self.blocks) - 1
+            x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None)
             if i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x)
@@ -727,7 +736,7 @@ class GPT(nn.Module):
 
     def token_nll(self, idx: Tensor, targets: Tensor, tail: int) -> Tensor:
         """Cross-entropy of each of the last `tail` positions, shape (B, tail) (evaluation)."""
-        logits = self.logits(self.trunk(idx)[:, -tail:])
+        logits = self.logits(self.trunk(idx, tail))
         return F.cross_entropy(logits.flatten(0, 1), targets[:, -tail:].flatten(), reduction="none").view(idx.size(0), tail)
 
 

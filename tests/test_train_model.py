@@ -73,12 +73,27 @@ def test_rope_dims_leave_the_other_channels_untouched():
 
 
 def test_loss_and_token_nll_share_the_trunk():
-    model = tg.build_model(tiny_h())
+    """token_nll of the last positions computes only those in the last block (its attention still
+    reads every position): the same values as slicing the full pass, with XSA, partial rotary and
+    a value embedding in that block, and its output projections given weight."""
+    torch.manual_seed(2)
+    model = tg.build_model(tiny_h(ve_layers="0,3"))
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.1)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.1)
     idx = torch.randint(0, 96, (2, 32))
     targets = torch.randint(0, 96, (2, 32))
     nll = model.token_nll(idx, targets, 32)
     torch.testing.assert_close(model(idx, targets), nll.mean())
-    torch.testing.assert_close(model.token_nll(idx, targets, 5), nll[:, -5:])
+    for tail in (1, 5, 31):
+        torch.testing.assert_close(model.token_nll(idx, targets, tail), nll[:, -tail:])
+
+
+def test_attention_of_the_last_queries_is_aligned_to_the_end():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    full = tg.causal_attention(q, k, v, "sdpa")
+    torch.testing.assert_close(tg.causal_attention(q[:, -3:], k, v, "sdpa"), full[:, -3:])
 
 
 def test_init_is_seeded_and_output_projections_start_at_zero():
