@@ -4,7 +4,7 @@ import torch
 
 import train_gpt as tg
 
-# 160 x 480 = 76,800 elements: above the fp16 threshold, so exported (and fake-quantised) as int6.
+# 160 x 480 = 76,800 elements: above the fp16 threshold, so exported (and fake-quantised) as intN (N = MLP_BITS).
 H = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=160, num_heads=4, num_kv_heads=2, mlp_mult=3.0,
                        bigram_vocab_size=0, train_seq_len=16, eval_seq_len=16, late_qat_threshold=0.15,
                        attn_bits=3, mlp_bits=3)  # coarse, so the switch moves the loss far beyond rounding noise
