@@ -1,6 +1,6 @@
 """Step time and train_loss of several copies of train_gpt.py (issue 6's A/B): 50 steps each, in one
-process, same seed and batches; the record configuration unless the environment says otherwise.
-Prints the mean step time over steps 11-50, the peak memory, the largest relative train_loss
+process, same seed and batches (AB_STEPS to change); the record configuration unless the environment says otherwise.
+Prints the mean step time after the first 10 steps, the peak memory, the largest relative train_loss
 difference from the first copy, and the sliding-window evaluation throughput (64 windows per batch).
 
     DATA_PATH=... TOKENIZER_PATH=... python3 bench/ab_step.py /tmp/before.py train_gpt.py
@@ -16,7 +16,7 @@ def load(path: str, index: int):
     return module
 
 
-def run(tg, steps: int = 50):
+def run(tg, steps: int = int(os.environ.get("AB_STEPS", 50))):
     torch._dynamo.reset()
     h = tg.Hyperparameters.from_env(os.environ)
     rt = tg.setup_runtime(h, os.environ)
@@ -55,7 +55,7 @@ results = []
 for i, path in enumerate(sys.argv[1:]):
     losses, ms, peak, eval_rate = run(load(path, i))
     results.append(losses)
-    print(f"{path}: {ms:.1f} ms/step (steps 11-50), peak {peak:,} MiB, sliding eval {eval_rate:,.0f} scored tokens/s", flush=True)
+    print(f"{path}: {ms:.1f} ms/step (steps 11-{len(losses)}), peak {peak:,} MiB, sliding eval {eval_rate:,.0f} scored tokens/s", flush=True)
 for path, losses in zip(sys.argv[2:], results[1:]):
     rel = [abs(a - b) / abs(a) for a, b in zip(results[0], losses)]
     worst = max(range(len(rel)), key=rel.__getitem__)
