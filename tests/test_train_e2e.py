@@ -40,7 +40,14 @@ def test_twenty_steps_lower_the_loss_and_write_the_log_and_artifact(trained):
     assert not list((cwd / "logs").glob("*.part")) and not list((cwd / "logs").glob("*.tmp"))
     assert (cwd / "logs/tiny.model.zst").stat().st_size > 0
     losses = values(log, r"step:\d+/20 ", "train_loss")
-    assert len(losses) == 12 and losses[-1] < losses[0] - 1.0  # steps 1..10, 15, 20
+    assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
+    # Each step's record is read one step late: every step is still logged once, in order, and the
+    # step before a validation (10, 20) carries the same train_time as that validation's line.
+    logged = [int(n) for n in re.findall(r"^step:(\d+)/20 train_loss", body(log), re.M)]
+    assert logged == [*range(1, 11), 15, 20]
+    for n in (10, 20):
+        times = re.findall(rf"^step:{n}/20 .*train_time:(\d+)ms", body(log), re.M)
+        assert len(times) == 2 and times[0] == times[1]
     val = values(log, r"step:\d+/20 val_loss", "val_bpb")
     assert len(val) == 3 and val[2] < val[1] < val[0]  # steps 0, 10, 20
     for pattern in FINAL:
@@ -99,6 +106,19 @@ def test_non_finite_loss_stops_naming_the_step(run):
     assert result.returncode == 2
     assert re.search(r"^error: train_loss is (nan|inf) at step \d+: stopping", result.stderr, re.M), result.stderr
     assert "error: train_loss" in (run.cwd / "logs/nan.txt").read_text()
+
+
+def test_two_ranks_stop_together_under_a_time_cap(run):
+    """The stop decision comes from times averaged over ranks, so both ranks leave the loop after the
+    same step (otherwise one would wait forever in the other's gradient reduction)."""
+    result = run(nproc=2, RUN_ID="cap2", GRAD_ACCUM_STEPS="1", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="2",
+                 QUANT_METHOD="rtn", timeout=240)
+    assert result.returncode == 0, result.stderr
+    log = body((run.cwd / "logs/cap2.txt").read_text())
+    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms \(estimated\) step:(\d+)/100000", log, re.M)
+    budget = re.search(r"^training_budget: train_time:(\d+)ms quantisation:(\d+)ms total:(\d+)ms cap:2000ms", log, re.M)
+    assert stop and budget and int(stop.group(2)) > 2 and int(budget.group(3)) <= 2000
+    assert re.search(rf"^step:{stop.group(2)}/100000 val_loss", log, re.M)
 
 
 def test_two_ranks_train_exactly_like_one(run):

@@ -1,4 +1,5 @@
 """Muon: orthogonal updates; the sharded multi-rank step equals the single-process step."""
+import math
 import os
 
 import pytest
@@ -104,5 +105,17 @@ def test_schedules():
     assert tg.lr_scale_at(h, 100, 5000.0, 10000.0) == 1.0
     assert tg.lr_scale_at(h, 150, 7500.0, 10000.0) == pytest.approx(2500 / 5000)
     assert tg.lr_scale_at(h, 200, 10000.0, 10000.0) == 0.0
+    assert tg.lr_scale_at(h, 3, 0.0, 10000.0) == 1.0  # no step time known yet
     h = tg.Hyperparameters(muon_momentum_warmup_start=0.9, muon_momentum=0.99, muon_momentum_warmup_steps=10)
     assert [round(tg.muon_momentum_at(h, s), 6) for s in (0, 5, 10, 50)] == [0.9, 0.945, 0.99, 0.99]
+
+
+def test_step_records_come_back_in_order_as_rank_means():
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
+    records = tg.StepRecords(rt)
+    assert records.take() is None
+    records.post([torch.tensor(2.5), 10.0])
+    records.post([torch.tensor(float("nan")), 20.0])
+    assert records.take() == [2.5, 10.0]
+    first, second = records.take()
+    assert math.isnan(first) and second == 20.0 and records.take() is None
