@@ -1404,8 +1404,10 @@ class StepRecords:
         self.pending = collections.deque()  # (host values, CUDA event or None), oldest first
 
     def post(self, values: list) -> None:
-        """Queue the rank mean of `values` (tensors or numbers) behind the work already queued."""
-        stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.rt.device) for v in values])
+        """Queue the rank mean of `values` (tensors or numbers) behind the work already queued. Numbers
+        are filled in on the device: torch.as_tensor would copy them from pageable host memory, and
+        that copy waits for the GPU to finish everything queued."""
+        stats = torch.stack([v.float() if isinstance(v, Tensor) else torch.full((), v, device=self.rt.device) for v in values])
         if self.rt.distributed:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         if self.rt.device.type != "cuda":
