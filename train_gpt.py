@@ -1394,6 +1394,15 @@ def autocast(rt: Runtime):
     return torch.autocast("cuda", dtype=torch.bfloat16) if rt.device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def rank_max(value: float, rt: Runtime) -> float:
+    """The largest of the ranks' values (a host sync), for a figure that every rank's decisions use."""
+    if not rt.distributed:
+        return value
+    stat = torch.full((), value, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(stat, op=dist.ReduceOp.MAX)
+    return stat.item()
+
+
 class StepRecords:
     """Per-step figures that every rank must agree on (train_loss, elapsed time), averaged over ranks
     and read one step late: the host waits for step k-1 while step k is already queued, so the GPU
@@ -1553,7 +1562,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     t1 = time.perf_counter()
     quantize_for_export(model, [loader.next_batch() for _ in range(calibration_batches)], h, rt)
     synchronize(rt)
-    reserve_ms = 1000 * (time.perf_counter() - t1)
+    reserve_ms = rank_max(1000 * (time.perf_counter() - t1), rt)  # one loop cap for all: they stop after the same step
     model.load_state_dict(initial)
     loader = TrainLoader(h, rt)
     log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and one export quantisation ({reserve_ms:.0f}ms, reserved) in "
