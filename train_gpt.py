@@ -1577,9 +1577,9 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     records = StepRecords(rt)
     ended_ms = []  # the agreed training time at the end of steps 0, 1, 2, ... as it becomes known
 
-    def log_step(n: int, figures: list[float], elapsed_ms: float) -> None:
-        """Check and log step n's record (its mean train_loss, and when step n-1 ended by the ranks'
-        mean clock) at this rank's time elapsed_ms."""
+    def accept_record(n: int, figures: list[float], elapsed_ms: float) -> None:
+        """Step n's record (its mean train_loss, and when step n-1 ended by the ranks' mean clock):
+        check the loss, keep the time in ended_ms, and log the step at this rank's time elapsed_ms."""
         train_loss, previous_ended_ms = figures
         if not math.isfinite(train_loss):
             raise RunError(f"train_loss is {train_loss} at step {n}: stopping (check the data and the learning rates)")
@@ -1597,9 +1597,9 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         last = stop or step >= h.iterations
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):  # the clock pauses here
             synchronize(rt)
-            training_ms += 1000 * (time.perf_counter() - t0)
+            training_ms = clock_ms()
             if (figures := records.take()) is not None:
-                log_step(step, figures, training_ms)
+                accept_record(step, figures, training_ms)
             val_loss, val_bpb, _ = evaluator.score(sliding=False)
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
@@ -1621,7 +1621,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         previous_ended_ms = clock_ms() if figures is not None and rt.device.type == "cuda" else started_ms
         records.post([loss, previous_ended_ms])
         if figures is not None:
-            log_step(step - 1, figures, previous_ended_ms)
+            accept_record(step - 1, figures, previous_ended_ms)
         # Every rank decides from the agreed end times, which lag two steps behind.
         known = len(ended_ms) - 1  # the last step whose end all ranks know
         step_ms = max(ended_ms[-1] / known, ended_ms[-1] - ended_ms[-2]) if known >= 1 else 0.0
