@@ -1,6 +1,8 @@
+import contextlib
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,19 @@ def run_script(cwd: Path, corpus, nproc: int = 1, timeout: int = 300, **settings
     command = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def gloo_ranks(rank: int, world_size: int, init_file: str, timeout_s: float = 1800):
+    """A CPU process group for one rank of an mp.spawn test (a shorter timeout turns a hang into an error)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture

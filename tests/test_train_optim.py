@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
+from conftest import gloo_ranks
 from test_train_model import tiny_h
 
 
@@ -40,15 +40,13 @@ def two_steps(model, h, rt, grads_per_step):
 
 
 def sharded_worker(rank, world_size, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    torch.manual_seed(0)
-    h, model, grads = make_model_and_grads(world_size)
-    rt = tg.Runtime(rank=rank, world_size=world_size, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
-    result = two_steps(model, h, rt, [grads[rank], grads[rank]])
-    if rank == 0:
-        torch.save(result, out_file)
-    dist.barrier()  # neither rank tears gloo down while the other still uses it
-    dist.destroy_process_group()
+    with gloo_ranks(rank, world_size, init_file):
+        torch.manual_seed(0)
+        h, model, grads = make_model_and_grads(world_size)
+        rt = tg.Runtime(rank=rank, world_size=world_size, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
+        result = two_steps(model, h, rt, [grads[rank], grads[rank]])
+        if rank == 0:
+            torch.save(result, out_file)
 
 
 def test_sharded_step_equals_single_process(tmp_path):
