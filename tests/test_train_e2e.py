@@ -111,8 +111,10 @@ def test_non_finite_loss_stops_naming_the_step(run):
 def test_two_ranks_stop_together_under_a_time_cap(run):
     """The stop decision comes from times averaged over ranks, so both ranks leave the loop after the
     same step (otherwise one would wait forever in the other's gradient reduction)."""
+    # GPTQ (the default): its timed first call leaves the slack a real run has; RTN's is about 0 ms,
+    # and a CPU step slower than the loop's estimate could then push the total past the cap.
     result = run(nproc=2, RUN_ID="cap2", GRAD_ACCUM_STEPS="1", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="2",
-                 QUANT_METHOD="rtn", timeout=240)
+                 timeout=240)
     assert result.returncode == 0, result.stderr
     log = body((run.cwd / "logs/cap2.txt").read_text())
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms \(estimated\) step:(\d+)/100000", log, re.M)
