@@ -111,7 +111,7 @@ def test_non_finite_loss_stops_naming_the_step(run):
 def test_two_ranks_stop_together_under_a_time_cap(run):
     """The stop decision comes from times averaged over ranks, so both ranks leave the loop after the
     same step (otherwise one would wait forever in the other's gradient reduction)."""
-    # GPTQ (the default): its timed first call leaves the slack a real run has; RTN's is about 0 ms,
+    # GPTQ (the default): its reserve leaves the slack a real run has; RTN's is about 0 ms,
     # and a CPU step slower than the loop's estimate could then push the total past the cap.
     result = run(nproc=2, RUN_ID="cap2", GRAD_ACCUM_STEPS="1", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="2",
                  timeout=240)

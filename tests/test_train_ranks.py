@@ -23,9 +23,10 @@ def test_rank_max_and_step_records_give_every_rank_the_same_figures(tmp_path):
     assert results[0] == results[1] == [1001.0, [0.5, 105.0]]
 
 
-def uneven_quantisation_worker(rank, world_size, init_file, corpus, out_dir):
-    """train() under a 2 s cap on two gloo ranks, where rank 1's first export quantisation (the one timed
-    before the clock and reserved from the cap) takes 0.4 s longer than rank 0's."""
+def slow_quantisation_worker(rank, world_size, init_file, corpus, out_dir, delays_s):
+    """train() under a 2 s cap on two gloo ranks, where rank 1's export quantisations (two timed before
+    the clock, a multiple of the second reserved from the cap, then the export itself) each take
+    delays_s[i] longer than rank 0's. Saves the RunError message each rank raised, or None."""
     with gloo_ranks(rank, world_size, init_file, timeout_s=60):  # a disagreement fails in a minute, not in 30
         torch.set_num_threads(1)
         data, tokenizer = corpus
@@ -34,23 +35,42 @@ def uneven_quantisation_worker(rank, world_size, init_file, corpus, out_dir):
         h = tg.Hyperparameters.from_env(env)
         rt = tg.Runtime(rank=rank, world_size=world_size, device=torch.device("cpu"),
                         micro_batch_seqs=h.train_batch_tokens // (world_size * h.train_seq_len), compile=False)
-        quantize = tg.quantize_for_export
+        quantize, calls = tg.quantize_for_export, []
         if rank == 1:
-            def slow_first_quantize(*args, **kwargs):
-                tg.quantize_for_export = quantize
-                time.sleep(0.4)
+            def slow_quantize(*args, **kwargs):
+                time.sleep(delays_s[len(calls)])
+                calls.append(1)
                 return quantize(*args, **kwargs)
-            tg.quantize_for_export = slow_first_quantize
+            tg.quantize_for_export = slow_quantize
         model = tg.build_model(h)
         evaluator = tg.Evaluator(model, h, rt, tg.load_validation_tokens(h), tg.build_byte_tables(h.tokenizer_path, h.vocab_size))
         log = tg.RunLog(out_dir / "run.txt", rt.master)
-        tg.train(model, tg.route_parameters(model), evaluator, h, rt, log)
+        try:
+            tg.train(model, tg.route_parameters(model), evaluator, h, rt, log)
+            error = None
+        except tg.RunError as e:
+            error = str(e)
         log.close()
+        torch.save(error, out_dir / f"error.{rank}")
+
+
+def run_two_ranks(tmp_path, corpus, delays_s) -> tuple[str, list]:
+    mp.spawn(slow_quantisation_worker, args=(2, str(tmp_path / "init"), corpus, tmp_path, delays_s), nprocs=2, join=True)
+    return (tmp_path / "run.txt").read_text(), [torch.load(tmp_path / f"error.{rank}") for rank in range(2)]
 
 
 def test_ranks_stop_after_the_same_step_when_their_quantisation_times_differ(tmp_path, tiny_corpus):
-    mp.spawn(uneven_quantisation_worker, args=(2, str(tmp_path / "init"), tiny_corpus, tmp_path), nprocs=2, join=True)
-    log = (tmp_path / "run.txt").read_text()
-    reserved = float(log.split("one export quantisation (")[1].split("ms")[0])
-    assert reserved >= 400  # the slower rank's time
+    log, errors = run_two_ranks(tmp_path, tiny_corpus, [0.4, 0.4, 0.4])
+    reserved = float(log.split("reserved:")[1].split("ms")[0])
+    assert reserved >= tg.RESERVE_FACTOR * 400  # the slower rank's time
     assert "stopping_early: wallclock_cap" in log and "training_budget:" in log
+    assert errors == [None, None]
+
+
+def test_every_rank_fails_when_one_goes_over_the_cap(tmp_path, tiny_corpus):
+    """Rank 1's export quantisation takes 2.5 s more than it did before the clock: only its own total is over
+    the 2 s cap, but both ranks must stop with the error (a rank that carried on would wait for the other)."""
+    log, errors = run_two_ranks(tmp_path, tiny_corpus, [0.0, 0.0, 2.5])
+    assert all(e and e.startswith("training and export quantisation took") for e in errors), errors
+    total = int(log.split("training_budget: ")[1].split("total:")[1].split("ms")[0])
+    assert total > 2000
