@@ -17,6 +17,8 @@ def load(path: str, index: int):
 
 
 def run(tg, steps: int = int(os.environ.get("AB_STEPS", 50))):
+    if steps <= 10:
+        sys.exit(f"AB_STEPS={steps}: expected more than 10 (the first 10 steps are not timed)")
     torch._dynamo.reset()
     h = tg.Hyperparameters.from_env(os.environ)
     rt = tg.setup_runtime(h, os.environ)
@@ -28,11 +30,12 @@ def run(tg, steps: int = int(os.environ.get("AB_STEPS", 50))):
     cuda = rt.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
+    losses = []  # tensors, read after the last step: as in train(), no step waits for the host
     for step in range(steps):
+        if step == 10:
+            tg.synchronize(rt)
+            t0 = time.perf_counter()
         x, y = loader.next_batch()
-        tg.synchronize(rt)
-        t0 = time.perf_counter()
         total = torch.zeros((), device=rt.device)
         for m in range(h.grad_accum_steps):
             with tg.autocast(rt):
@@ -40,15 +43,16 @@ def run(tg, steps: int = int(os.environ.get("AB_STEPS", 50))):
             (loss / h.grad_accum_steps).backward()
             total += loss.detach()
         opt.step(1.0, tg.muon_momentum_at(h, step))
-        losses.append((total / h.grad_accum_steps).item())
-        times.append(time.perf_counter() - t0)
+        losses.append(total / h.grad_accum_steps)
+    tg.synchronize(rt)
+    ms = (time.perf_counter() - t0) / (steps - 10) * 1000
     peak = torch.cuda.max_memory_allocated() // 2**20 if cuda else 0
     val = tg.load_validation_tokens(h)[: 2048 * 64 + h.eval_seq_len + 1]
     hb = tg.Hyperparameters(**{**tg.asdict(h), "eval_batch_seqs": 64})
     evaluator = tg.Evaluator(model, hb, rt, val, tg.build_byte_tables(h.tokenizer_path, h.vocab_size))
     evaluator.score(sliding=True)  # compile
-    _, _, ms = evaluator.score(sliding=True)
-    return losses, sum(times[10:]) / len(times[10:]) * 1000, peak, (len(val) - 1) / ms * 1000
+    _, _, eval_ms = evaluator.score(sliding=True)
+    return [v.item() for v in losses], ms, peak, (len(val) - 1) / eval_ms * 1000
 
 
 results = []

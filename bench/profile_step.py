@@ -47,10 +47,10 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(2): step(False)
     sync()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
-# Sliding-window evaluation throughput on the first 256 windows' worth of validation tokens
-val = tg.load_validation_tokens(h)[: 256 * 64 + 2048 + 1]
+# Sliding-window evaluation throughput on the first 2,048 windows' worth of validation tokens (256 gave wobbly figures)
+val = tg.load_validation_tokens(h)[: 2048 * 64 + 2048 + 1]
 tables = tg.build_byte_tables(h.tokenizer_path, h.vocab_size)
-for b in (32, 128):
+for b in (32, 64, 128):
     hb = tg.Hyperparameters(**{**tg.asdict(h), "eval_batch_seqs": b})
     ev = tg.Evaluator(model, hb, rt, val, tables)
     ev.score(sliding=True)
