@@ -203,14 +203,16 @@ RETIRED_PREFIXES = {
 GENERIC_PREFIXES = {"MAX", "DATA", "RUN", "MODEL", "NUM", "SEED", "COMPILE", "ITERATIONS", "WEIGHT", "GRAD"}
 
 
-def setting_names() -> set[str]:
-    return {f.name.upper() for f in fields(Hyperparameters)}
+def setting_names(legacy: bool = False) -> set[str]:
+    """The settings' environment names; with legacy, also the record scripts' spellings accepted here."""
+    names = {f.name.upper() for f in fields(Hyperparameters)}
+    return names | set(LEGACY_SETTINGS) if legacy else names
 
 
 def setting_problem(name: str) -> str | None:
     """Why an environment variable that is not a setting must stop the run (a typo such as XSA_LAST,
     a record script's TTT_ENABLED), or None if it is a setting or unrelated (PATH, MAX_JOBS, ...)."""
-    accepted = setting_names() | set(LEGACY_SETTINGS)
+    accepted = setting_names(legacy=True)
     if name in accepted:
         return None
     if name in RETIRED_SETTINGS:
@@ -235,7 +237,7 @@ def check_setting_names(environ) -> None:
 
 def without_settings(environ) -> dict[str, str]:
     """The environment minus everything this script would read or refuse: a clean base for launching it."""
-    accepted = setting_names() | set(LEGACY_SETTINGS)
+    accepted = setting_names(legacy=True)
     return {k: v for k, v in environ.items() if k not in accepted and setting_problem(k) is None}
 
 
@@ -1338,6 +1340,9 @@ class Evaluator:
 # starts. The export after training takes about the warm time; a run over the cap fails.
 RESERVE_FACTOR = 1.5
 
+# Read once at start: the source in the log and the code size counted against the cap are the same bytes.
+SOURCE = Path(__file__).read_bytes()
+
 @dataclass
 class Runtime:
     """Where and how this process runs: one GPU per rank under torchrun, or the CPU."""
@@ -1484,9 +1489,8 @@ def claim_run_paths(h: Hyperparameters, rt: Runtime) -> tuple[Path, Path]:
 
 def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
     import hashlib
-    source = Path(__file__).read_bytes()
-    log(f"==== source: {Path(__file__).name} bytes:{len(source)} sha256:{hashlib.sha256(source).hexdigest()} ====", console=False)
-    text = source.decode("utf-8")
+    log(f"==== source: {Path(__file__).name} bytes:{len(SOURCE)} sha256:{hashlib.sha256(SOURCE).hexdigest()} ====", console=False)
+    text = SOURCE.decode("utf-8")
     log(text[:-1] if text.endswith("\n") else text, console=False)
     log("==== end of source ====", console=False)
     for f in fields(h):
@@ -1504,11 +1508,10 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
 
 
 def log_sizes(log: RunLog, artifact_bytes: int) -> int:
-    code_bytes = len(Path(__file__).read_bytes())
     log(f"Serialized model int6+zstd: {artifact_bytes} bytes")
-    log(f"Code size: {code_bytes} bytes")
-    log(f"Total submission size int6+zstd: {artifact_bytes + code_bytes} bytes")
-    return artifact_bytes + code_bytes
+    log(f"Code size: {len(SOURCE)} bytes")
+    log(f"Total submission size int6+zstd: {artifact_bytes + len(SOURCE)} bytes")
+    return artifact_bytes + len(SOURCE)
 
 
 def log_final_scores(log: RunLog, evaluator: Evaluator, h: Hyperparameters) -> None:
@@ -1676,9 +1679,8 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
-    code_bytes = len(Path(__file__).read_bytes())
     if rt.master:
-        artifact_bytes, zeroed = export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - code_bytes)
+        _, zeroed = export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - len(SOURCE))
         log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
     if rt.distributed:
         dist.barrier()

@@ -4,7 +4,6 @@ same post-average checkpoint exported with GPTQ-lite and round to nearest; bytes
     DATA_PATH=... TOKENIZER_PATH=... <proxy settings> python3 bench/export_study.py
 """
 import dataclasses, os, sys, time
-from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt as tg
 seen = {}
@@ -18,7 +17,7 @@ def capture_train(model, routes, evaluator, h, rt, log):
 def variants(total):
     h, log, model, ev, routes = seen["h"], seen["log"], seen["model"], seen["evaluator"], seen["routes"]
     state, formats, quantized, hessians = seen["export"]
-    code = len(Path(tg.__file__).read_bytes())
+    code = len(tg.SOURCE)
     for method in ("gptq_lite", "rtn"):
         hm = dataclasses.replace(h, quant_method=method)
         t0 = time.time(); q = tg.quantize_state({k: v.cuda() for k, v in state.items()}, formats, hm, hessians); tq = time.time() - t0
