@@ -1,4 +1,5 @@
 """Model pieces against plain reference formulations."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -123,3 +124,35 @@ def test_residual_dtype_under_autocast():
         assert model(idx, targets).dtype == torch.float32
     assert seen == {"bf16": (torch.bfloat16, torch.bfloat16), "fp32": (torch.float32, torch.float32)}
     assert abs(losses["bf16"] - losses["fp32"]) < 0.02 * losses["fp32"]
+
+
+def reference_fa3(q, k, v, causal):
+    """FlashAttention-3's flash_attn_func contract, written out: (B, T, H, D) tensors, query head h reads kv
+    head h // (H / Hkv), a causal mask aligned to the last positions when there are fewer queries than
+    keys, and (out, softmax_lse) returned."""
+    assert causal and q.dim() == k.dim() == 4 and q.dtype == k.dtype == v.dtype
+    B, Tq, H, D = q.shape
+    T, Hkv = k.size(1), k.size(2)
+    k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5
+    query_pos = torch.arange(T - Tq, T)[:, None]
+    scores = scores.masked_fill(torch.arange(T)[None, :] > query_pos, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v), scores.logsumexp(-1)
+
+
+def test_fa3_backend_matches_sdpa_given_the_fa3_contract(monkeypatch):
+    """The FA3 branch (untestable on CPU with the real kernel) against the SDPA branch, with FA3's calling
+    convention written out: layout, GQA head grouping, causal alignment of a tail of queries, tuple output."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    for fa3 in (reference_fa3, lambda *a, **kw: reference_fa3(*a, **kw)[0]):  # older and newer return types
+        monkeypatch.setattr(tg, "fa3_attention", fa3)
+        torch.testing.assert_close(tg.causal_attention(q, k, v, "fa3"), tg.causal_attention(q, k, v, "sdpa"))
+        torch.testing.assert_close(tg.causal_attention(q[:, -3:], k, v, "fa3"), tg.causal_attention(q[:, -3:], k, v, "sdpa"))
+
+
+def test_fa3_backend_is_refused_without_fa3_on_a_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(tg, "fa3_attention", reference_fa3 if not torch.cuda.is_available() else None)
+    h = tg.Hyperparameters.from_env({"ATTN_BACKEND": "fa3"})
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package"):
+        tg.setup_runtime(h, {})
