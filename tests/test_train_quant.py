@@ -96,7 +96,7 @@ def test_calibration_and_quantisation_are_charged_to_the_training_clock(run):
     assert result.returncode == 0, result.stderr
     log = (run.cwd / "logs/gptq.txt").read_text()
     cold, warm, reserved = map(float, re.search(r"two export quantisations \(cold:(\d+)ms warm:(\d+)ms reserved:(\d+)ms\)", log).groups())
-    assert abs(reserved - tg.RESERVE_FACTOR * warm) <= 1
+    assert abs(reserved - min(cold, tg.RESERVE_FACTOR * warm)) <= 1
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms .*reserved (\d+)ms", log, re.M)
     budget = re.search(r"^training_budget: train_time:(\d+)ms quantisation:(\d+)ms total:(\d+)ms cap:2000ms method:gptq "
                        r"calibration_tokens:1024$", log, re.M)
