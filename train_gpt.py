@@ -1344,6 +1344,7 @@ RESERVE_FACTOR = 2.0
 # Read once at start: the source in the log and the code size counted against the cap are the same bytes.
 SOURCE = Path(__file__).read_bytes()
 
+
 @dataclass
 class Runtime:
     """Where and how this process runs: one GPU per rank under torchrun, or the CPU."""
