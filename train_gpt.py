@@ -1560,6 +1560,14 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         opt.step(lr_scale, momentum)
         return loss_sum / h.grad_accum_steps
 
+    def timed_quantization() -> tuple[tuple, float]:
+        """quantize_for_export on the next calibration batches, and its milliseconds (reading the batches
+        included: the training data it uses is charged to the budget)."""
+        t = time.perf_counter()
+        export = quantize_for_export(model, [loader.next_batch() for _ in range(calibration_batches)], h, rt)
+        synchronize(rt)
+        return export, 1000 * (time.perf_counter() - t)
+
     # Before the clock: prime the compiled kernels and time the export quantisation (its time is
     # reserved from the budget), then undo every trace of it. The first quantisation is cold (library
     # set-up, first kernels: 2-4x the export's time on GPUs), so it is timed twice.
@@ -1569,20 +1577,14 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     for _ in range(h.warmup_steps):
         run_step(opt, loader.next_batch(), 1.0, h.muon_momentum_warmup_start)
     evaluator.prime()
-    calibration = [loader.next_batch() for _ in range(calibration_batches)]
-    quantization_ms = []
-    for _ in range(2):
-        synchronize(rt)
-        t1 = time.perf_counter()
-        quantize_for_export(model, calibration, h, rt)
-        synchronize(rt)
-        quantization_ms.append(1000 * (time.perf_counter() - t1))
+    synchronize(rt)
+    (_, cold_ms), (_, warm_ms) = timed_quantization(), timed_quantization()
     # One loop cap for all ranks, so that they stop after the same step: the slowest rank's time.
-    reserve_ms = rank_max(min(quantization_ms[0], RESERVE_FACTOR * quantization_ms[1]), rt)
+    reserve_ms = rank_max(min(cold_ms, RESERVE_FACTOR * warm_ms), rt)
     model.load_state_dict(initial)
     loader = TrainLoader(h, rt)
     log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and two export quantisations "
-        f"(cold:{quantization_ms[0]:.0f}ms warm:{quantization_ms[1]:.0f}ms reserved:{reserve_ms:.0f}ms) in "
+        f"(cold:{cold_ms:.0f}ms warm:{warm_ms:.0f}ms reserved:{reserve_ms:.0f}ms) in "
         f"{time.perf_counter() - t0:.1f}s; weights, optimiser state and data stream restored")
 
     opt = Optimizers(model, routes, h, rt, orthogonalize)
@@ -1656,10 +1658,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     log(averager.apply())
     set_late_qat(model, False)
 
-    t0 = time.perf_counter()
-    export = quantize_for_export(model, [loader.next_batch() for _ in range(calibration_batches)], h, rt)
-    synchronize(rt)
-    quantization_ms = 1000 * (time.perf_counter() - t0)
+    export, quantization_ms = timed_quantization()
     total_ms = rank_max(training_ms + quantization_ms, rt)  # the slowest rank's: every rank passes or fails together
     log(f"training_budget: train_time:{training_ms:.0f}ms quantisation:{quantization_ms:.0f}ms "
         f"total:{total_ms:.0f}ms cap:{cap_ms:.0f}ms method:{h.quant_method} "
