@@ -119,6 +119,7 @@ class Hyperparameters:
     # ---- machine
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
     attn_backend: str = "auto"       # auto (fa3 if importable, else sdpa) | fa3 | sdpa
+    mlp_kernel: str = "auto"         # auto (triton on a Hopper GPU with MLP_ACT=relu2, else torch) | triton | torch
 
     from_environment = frozenset()   # (not a setting) the names set in the environment, see from_env
 
@@ -141,7 +142,8 @@ class Hyperparameters:
             if not ok:
                 raise ConfigError(message)
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
-                   "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa")}
+                   "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa"),
+                   "mlp_kernel": ("auto", "triton", "torch")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} is not a multiple of NUM_HEADS={self.num_heads}")
@@ -471,6 +473,11 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attention
 except ImportError:
     fa3_attention = None
+try:  # Triton ships with PyTorch's CUDA builds; the MLP's relu^2 runs inside its matmuls (Hopper)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 # Parameter routing: every parameter gets one role where it is created (`tagged`); this table maps the
 # role to its optimiser and export category. `route_parameters` asserts that it covers everything once.
@@ -523,11 +530,14 @@ class Linear(nn.Module):
         if self.qat_bits:
             self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_weight(self) -> Tensor:
         w = self.weight
         if self.qat_bits:  # straight-through: forward sees q(w), backward sees w
             w = w + self.qat_gate * (fake_quantize(w, self.qat_bits) - w).detach()
-        return F.linear(x, w)
+        return w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.forward_weight())
 
 
 class Rotary(nn.Module):
@@ -607,6 +617,85 @@ class Attention(nn.Module):
         return self.proj(y.reshape(B, tail, -1))
 
 
+if triton is not None:
+    @triton.jit
+    def relu2_matmul_kernel(a_ptr, b_ptr, act_ptr, out_ptr, M, N, K, BACKWARD: tl.constexpr, PROGRAMS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """out = relu(A @ B^T)^2, or in the backward out = (A @ B^T) * 2 sqrt(act), where A @ B^T is the
+        gradient at act = relu(h)^2, so sqrt(act) = relu(h). A: (M, K), B: (N, K), act and out: (M, N),
+        all row-major. Persistent: PROGRAMS programs walk the output tiles, GROUP_M tile rows at a time
+        so that B's tiles stay in L2; loads and stores go through TMA, the epilogue in two halves."""
+        half: tl.constexpr = BLOCK_N // 2
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        act_desc = tl.make_tensor_descriptor(act_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, half])
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, half])
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+            group, within = tile // (GROUP_M * tiles_n), tile % (GROUP_M * tiles_n)
+            rows = min(tiles_m - group * GROUP_M, GROUP_M)
+            m0, n0 = (group * GROUP_M + within % rows) * BLOCK_M, (within // rows) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                acc = tl.dot(a_desc.load([m0, k0]), b_desc.load([n0, k0]).T, acc)
+            halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+            for i in tl.static_range(2):
+                if BACKWARD:
+                    out = halves[i] * 2.0 * tl.sqrt(act_desc.load([m0, n0 + i * half]).to(tl.float32))
+                else:
+                    out = tl.maximum(halves[i], 0.0)
+                    out = out * out
+                out_desc.store([m0, n0 + i * half], out.to(out_ptr.dtype.element_ty))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the fastest of a sweep at the record's shapes on an H100
+RELU2_TILES = {False: (128, 256, 64, 8, 4), True: (128, 256, 64, 8, 3)}
+
+
+@torch.library.custom_op("golf::relu2_matmul", mutates_args=())
+def relu2_matmul(a: Tensor, b: Tensor, act: Tensor | None) -> Tensor:
+    """relu(a @ b.T)^2, or (a @ b.T) * 2 sqrt(act) when act is given: relu2_matmul_kernel."""
+    a, b = a.contiguous(), b.contiguous()
+    out = a.new_empty(a.size(0), b.size(0))
+    block_m, block_n, block_k, warps, stages = RELU2_TILES[act is not None]
+    tiles = triton.cdiv(a.size(0), block_m) * triton.cdiv(b.size(0), block_n)
+    programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2)
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=a.device))  # TMA descriptors
+    relu2_matmul_kernel[(programs,)](a, b, out if act is None else act, out, a.size(0), b.size(0), a.size(1),
+                                     BACKWARD=act is not None, PROGRAMS=programs, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return out
+
+
+@relu2_matmul.register_fake
+def _(a: Tensor, b: Tensor, act: Tensor | None) -> Tensor:
+    return a.new_empty(a.size(0), b.size(0))
+
+
+class Relu2MLP(torch.autograd.Function):
+    """relu(x @ w_fc^T)^2 @ w_proj^T for 2-D x, with relu^2 inside the Triton matmuls. Against the
+    separate matmuls and relu^2 kernels this never writes the pre-activation h: the backward
+    reads relu(h) back as sqrt(act) from the act that w_proj's gradient needs anyway."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+        act = relu2_matmul(x, w_fc, None)
+        ctx.save_for_backward(x, w_fc, w_proj, act)
+        return act @ w_proj.T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x, w_fc, w_proj, act = ctx.saved_tensors
+        grad_h = relu2_matmul(grad, w_proj.T, act)
+        return grad_h @ w_fc, grad_h.T @ x, grad.T @ act
+
+
+def relu2_mlp_fits(h: Hyperparameters) -> bool:
+    """Whether Relu2MLP can run this model's MLP: relu^2 (its backward reads relu(h) back as sqrt(act),
+    which loses leaky_relu's sign), and widths that are whole 16-byte rows for TMA."""
+    return h.mlp_act == "relu2" and h.model_dim % 8 == 0 and int(h.mlp_mult * h.model_dim) % 8 == 0
+
+
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -614,8 +703,13 @@ class MLP(nn.Module):
         self.fc = Linear(h, h.model_dim, hidden, "mlp", "ortho")
         self.proj = Linear(h, hidden, h.model_dim, "mlp", "zero")
         self.leaky = h.mlp_act == "leaky_relu2"
+        self.fused = h.mlp_kernel == "triton"  # Relu2MLP; GPTQ calibration switches it off to hook fc and proj
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            weights = (self.fc.forward_weight().to(dtype), self.proj.forward_weight().to(dtype))
+            return Relu2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), *weights).view(*x.shape[:-1], -1)
         x = self.fc(x)
         x = F.leaky_relu(x, 0.5) if self.leaky else F.relu(x)
         return self.proj(x.square())
@@ -1074,6 +1168,9 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
     """Sum of x x^T over the inputs x of every integer-exported Linear, from training batches, summed
     over ranks (GPTQ calibration)."""
     hessians, hooks = {}, []
+    fused = [m for m in model.modules() if isinstance(m, MLP) and m.fused]
+    for mlp in fused:  # the hooks need fc's and proj's own calls
+        mlp.fused = False
     for name, layer in quantization_targets(model, h).items():
         hessians[name] = torch.zeros(layer.weight.size(1), layer.weight.size(1), device=rt.device)
 
@@ -1089,6 +1186,8 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
     finally:
         for hook in hooks:
             hook.remove()
+        for mlp in fused:
+            mlp.fused = True
     if rt.distributed:
         for H in hessians.values():
             dist.all_reduce(H)
@@ -1377,6 +1476,12 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
         h.attn_backend = "fa3" if fa3_attention is not None and hopper else "sdpa"
     elif h.attn_backend == "fa3" and not (fa3_attention is not None and hopper):
         raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
+    fusable = triton is not None and hopper and relu2_mlp_fits(h)
+    if h.mlp_kernel == "auto":
+        h.mlp_kernel = "triton" if fusable else "torch"
+    elif h.mlp_kernel == "triton" and not fusable:
+        raise ConfigError("MLP_KERNEL=triton needs a Hopper GPU, Triton, MLP_ACT=relu2, and MODEL_DIM and the MLP width "
+                          "(MLP_MULT x MODEL_DIM) multiples of 8")
     pieces = world_size * h.grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % pieces:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of world size {world_size} x "
@@ -1504,7 +1609,7 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
     else:
         log("gpu none (cpu)")
     log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
-    log(f"attention_backend:{h.attn_backend}")
+    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel}")
     head_dim = h.model_dim // h.num_heads
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 
@@ -1708,7 +1813,10 @@ def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
             if name in h.from_environment:
                 raise ConfigError(f"{name.upper()}={getattr(h, name)} but {path} was trained with {name.upper()}={config[name]}")
             setattr(h, name, config[name])
-    log("rescore: model settings from the artifact: " + " ".join(f"{n.upper()}={config[n]}" for n in MODEL_SETTINGS))
+    if h.mlp_kernel == "triton" and not relu2_mlp_fits(h):  # e.g. an artifact trained with MLP_ACT=leaky_relu2
+        h.mlp_kernel = "torch"
+    log("rescore: model settings from the artifact: " + " ".join(f"{n.upper()}={config[n]}" for n in MODEL_SETTINGS)
+        + f" (mlp_kernel:{h.mlp_kernel})")
     tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
     val_tokens = load_validation_tokens(h)
     model = build_model(h).to(rt.device)

@@ -1,4 +1,9 @@
 """Model pieces against plain reference formulations."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +161,47 @@ def test_fa3_backend_is_refused_without_fa3_on_a_hopper_gpu(monkeypatch):
     h = tg.Hyperparameters.from_env({"ATTN_BACKEND": "fa3"})
     with pytest.raises(tg.ConfigError, match="ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package"):
         tg.setup_runtime(h, {})
+
+
+def test_fused_relu2_mlp_matches_the_plain_mlp_in_tritons_interpreter():
+    """tests/relu2_kernel_check.py under Triton's CPU interpreter: the kernel, Relu2MLP, and the model with
+    MLP_KERNEL=triton against the plain MLP (output, gradients, GPTQ Hessians)."""
+    pytest.importorskip("triton")
+    check = Path(__file__).with_name("relu2_kernel_check.py")
+    result = subprocess.run([sys.executable, str(check)], env=os.environ | {"TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "all checks passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_mlp_kernel_resolution_on_this_machine():
+    cuda_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    h = tg.Hyperparameters.from_env({})
+    tg.setup_runtime(h, {})
+    assert h.mlp_kernel == ("triton" if cuda_hopper and tg.triton is not None else "torch")
+    h = tg.Hyperparameters.from_env({"MLP_KERNEL": "auto", "MLP_ACT": "leaky_relu2"})
+    tg.setup_runtime(h, {})
+    assert h.mlp_kernel == "torch"  # its sign is lost in act = leaky_relu(h)^2, which the fused backward reads
+    refused = [{"MLP_ACT": "leaky_relu2"}, {"MLP_MULT": "2.99"}] + ([] if cuda_hopper else [{}])
+    for env in refused:
+        env["MLP_KERNEL"] = "triton"
+        with pytest.raises(tg.ConfigError, match="MLP_KERNEL=triton needs a Hopper GPU, Triton, MLP_ACT=relu2"):
+            tg.setup_runtime(tg.Hyperparameters.from_env(env), {})
+
+
+def test_rescoring_an_artifact_whose_mlp_cannot_be_fused_uses_the_plain_mlp(monkeypatch, tmp_path):
+    """MLP_KERNEL is resolved before the artifact's model settings are read; a leaky_relu2 artifact must
+    not be scored by the relu^2 kernel."""
+    h = tiny_h(mlp_kernel="triton", eval_artifact=str(tmp_path / "a.model.zst"))
+    monkeypatch.setattr(tg, "load_artifact", lambda path: ({}, {"mlp_act": "leaky_relu2"}))
+    built = []
+
+    def build_model(h):
+        built.append(h.mlp_kernel)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(tg, "build_model", build_model)
+    monkeypatch.setattr(tg, "build_byte_tables", lambda *a: None)
+    monkeypatch.setattr(tg, "load_validation_tokens", lambda h: None)
+    lines = []
+    with pytest.raises(RuntimeError, match="stop here"):
+        tg.rescore(h, None, lines.append)
+    assert built == ["torch"] and "MLP_ACT=leaky_relu2" in lines[0] and lines[0].endswith("(mlp_kernel:torch)")

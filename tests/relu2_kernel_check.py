@@ -1,0 +1,56 @@
+"""Run by test_train_model.py under TRITON_INTERPRET=1 (Triton's CPU interpreter, float32): the fused
+relu^2 MLP kernel against the plain MLP. Exits non-zero on the first mismatch."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def close(name, got, want):
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-5, f"{name}: relative error {err:.2e}"
+
+
+torch.manual_seed(0)
+# M not a multiple of the 128-row tile, N under one 256-column tile or over several, K over one 64-deep block
+for M, K, N in [(210, 64, 192), (7, 16, 24), (300, 96, 520)]:
+    x = torch.randn(M, K, requires_grad=True)
+    w_fc, w_proj = (torch.randn(N, K) * K ** -0.5).requires_grad_(), (torch.randn(K, N) * N ** -0.5).requires_grad_()
+    grad = torch.randn(M, K)
+    results = []
+    for mlp in (lambda x, a, b: torch.relu(x @ a.T).square() @ b.T, tg.Relu2MLP.apply):
+        y = mlp(x, w_fc, w_proj)
+        results.append([y, *torch.autograd.grad(y, (x, w_fc, w_proj), grad)])
+    for name, want, got in zip(("y", "dx", "dw_fc", "dw_proj"), *results):
+        close(f"{name} at {(M, K, N)}", got, want)
+
+# The whole model, late QAT on: the loss, every gradient, and GPTQ's Hessians (collected on the plain
+# path, after which the fused path is back). MODEL_DIM 256 makes the MLP matrices large enough to be
+# exported as integers, so that they have Hessians.
+h = dict(vocab_size=96, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=32, bigram_dim=16,
+         train_seq_len=32, eval_seq_len=32, xsa_last_n=1, late_qat_threshold=0.5)
+plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel)) for kernel in ("torch", "triton"))
+with torch.no_grad():
+    for p in plain.parameters():  # away from the zero-initialised projections, which would hide gradients
+        p.add_(torch.randn_like(p) * 0.02)
+fused.load_state_dict(plain.state_dict())
+for model in (plain, fused):
+    assert tg.set_late_qat(model, True) > 0
+idx = torch.randint(0, 96, (3, 33))
+losses = [model(idx[:, :-1], idx[:, 1:]) for model in (plain, fused)]
+close("loss", losses[1].detach().reshape(1), losses[0].detach().reshape(1))
+for loss in losses:
+    loss.backward()
+for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+    close(f"gradient of {name}", q.grad, p.grad)
+rt = tg.Runtime(0, 1, torch.device("cpu"), 3, False)
+batches = [(idx[None, :, :-1], idx[None, :, 1:])]
+hessians = [tg.collect_hessians(model, batches, tg.Hyperparameters(**h), rt) for model in (plain, fused)]
+assert any(".mlp." in name for name in hessians[0]), sorted(hessians[0])
+for name, H in hessians[0].items():
+    close(f"Hessian of {name}", hessians[1][name], H)
+assert all(m.fused for m in fused.modules() if isinstance(m, tg.MLP)), "collect_hessians left the fused path off"
+print("relu2 kernel: all checks passed")
