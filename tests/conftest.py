@@ -1,4 +1,5 @@
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def gloo_ranks(rank: int, world_size: int, init_file: str, timeout_s: float = 18
         dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
+        gc.collect()  # as main() does: tensors freed at interpreter exit instead can abort gloo's teardown
 
 
 @pytest.fixture
