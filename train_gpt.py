@@ -476,6 +476,8 @@ except ImportError:
 try:  # Triton ships with PyTorch's CUDA builds; the MLP's relu^2 runs inside its matmuls (Hopper)
     import triton
     import triton.language as tl
+    if not hasattr(tl, "make_tensor_descriptor"):  # before Triton 3.4 (PyTorch 2.8)
+        triton = None
 except ImportError:
     triton = None
 
@@ -1480,7 +1482,7 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     if h.mlp_kernel == "auto":
         h.mlp_kernel = "triton" if fusable else "torch"
     elif h.mlp_kernel == "triton" and not fusable:
-        raise ConfigError("MLP_KERNEL=triton needs a Hopper GPU, Triton, MLP_ACT=relu2, and MODEL_DIM and the MLP width "
+        raise ConfigError("MLP_KERNEL=triton needs a Hopper GPU, Triton 3.4 or later, MLP_ACT=relu2, and MODEL_DIM and the MLP width "
                           "(MLP_MULT x MODEL_DIM) multiples of 8")
     pieces = world_size * h.grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % pieces:

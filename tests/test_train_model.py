@@ -184,7 +184,7 @@ def test_mlp_kernel_resolution_on_this_machine():
     refused = [{"MLP_ACT": "leaky_relu2"}, {"MLP_MULT": "2.99"}] + ([] if cuda_hopper else [{}])
     for env in refused:
         env["MLP_KERNEL"] = "triton"
-        with pytest.raises(tg.ConfigError, match="MLP_KERNEL=triton needs a Hopper GPU, Triton, MLP_ACT=relu2"):
+        with pytest.raises(tg.ConfigError, match="MLP_KERNEL=triton needs a Hopper GPU, Triton 3.4 or later, MLP_ACT=relu2"):
             tg.setup_runtime(tg.Hyperparameters.from_env(env), {})
 
 
