@@ -662,7 +662,9 @@ def relu2_matmul(a: Tensor, b: Tensor, act: Tensor | None) -> Tensor:
     block_m, block_n, block_k, warps, stages = RELU2_TILES[act is not None]
     tiles = triton.cdiv(a.size(0), block_m) * triton.cdiv(b.size(0), block_n)
     programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2)
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=a.device))  # TMA descriptors
+    # Scratch for the TMA descriptors. Set on every call: Triton keeps it in a ContextVar, and the
+    # backward runs on autograd's own thread, which a setting made once at start-up would not reach.
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=a.device))
     relu2_matmul_kernel[(programs,)](a, b, out if act is None else act, out, a.size(0), b.size(0), a.size(1),
                                      BACKWARD=act is not None, PROGRAMS=programs, BLOCK_M=block_m, BLOCK_N=block_n,
                                      BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
