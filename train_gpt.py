@@ -120,6 +120,7 @@ class Hyperparameters:
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
     attn_backend: str = "auto"       # auto (fa3 if importable, else sdpa) | fa3 | sdpa
     mlp_kernel: str = "auto"         # auto (triton on a Hopper GPU with MLP_ACT=relu2, else torch) | triton | torch
+    qk_kernel: str = "auto"          # q/k RMSNorm, rotary and gain: auto (triton on a Hopper GPU, else torch) | triton | torch
 
     from_environment = frozenset()   # (not a setting) the names set in the environment, see from_env
 
@@ -143,7 +144,7 @@ class Hyperparameters:
                 raise ConfigError(message)
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa"),
-                   "mlp_kernel": ("auto", "triton", "torch")}
+                   "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} is not a multiple of NUM_HEADS={self.num_heads}")
@@ -473,7 +474,7 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attention
 except ImportError:
     fa3_attention = None
-try:  # Triton ships with PyTorch's CUDA builds; the MLP's relu^2 runs inside its matmuls (Hopper)
+try:  # Triton ships with PyTorch's CUDA builds: the MLP's and q/k's fused kernels (Hopper)
     import triton
     import triton.language as tl
     if not hasattr(tl, "make_tensor_descriptor"):  # before Triton 3.4 (PyTorch 2.8)
@@ -562,6 +563,86 @@ class Rotary(nn.Module):
         return torch.cat(rotated, dim=-1)
 
 
+if triton is not None:
+    @triton.jit
+    def norm_rotary_kernel(x_ptr, grad_ptr, gain_ptr, cos_ptr, sin_ptr, out_ptr, gain_grad_ptr, rows, positions, heads, start,
+                           D: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, PASS: tl.constexpr, PASS_P2: tl.constexpr,
+                           HAS_GAIN: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+        """out = rotary(rms_norm(x)) * gain[head] for rows of D channels, one head at one position each
+        (position start + (row // heads) % positions): channel i < HALF turns with channel i + HALF, the
+        last PASS pass through. In the backward, out = x's gradient given grad at out, and gain_grad[row]
+        = that row's term of gain's gradient. Each part of a row is loaded on its own, contiguously."""
+        row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = row[:, None] < rows
+        c, p = tl.arange(0, HALF_P2)[None, :], tl.arange(0, PASS_P2)[None, :]
+        cm, pm = live & (c < HALF), live & (p < PASS)
+        at, past = row[:, None] * D + c, row[:, None] * D + 2 * HALF + p
+        x1 = tl.load(x_ptr + at, mask=cm, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + at + HALF, mask=cm, other=0.0).to(tl.float32)
+        x3 = tl.load(x_ptr + past, mask=pm, other=0.0).to(tl.float32)
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1))[:, None] / D + 1.1920928955078125e-07)
+        n1, n2, n3 = x1 * r, x2 * r, x3 * r
+        table = (start + (row[:, None] // heads) % positions) * HALF + c
+        cos, sin = tl.load(cos_ptr + table, mask=cm, other=0.0), tl.load(sin_ptr + table, mask=cm, other=0.0)
+        gain = tl.load(gain_ptr + row[:, None] % heads, mask=live, other=0.0) if HAS_GAIN else 1.0
+        if BACKWARD:
+            g1 = tl.load(grad_ptr + at, mask=cm, other=0.0).to(tl.float32)
+            g2 = tl.load(grad_ptr + at + HALF, mask=cm, other=0.0).to(tl.float32)
+            g3 = tl.load(grad_ptr + past, mask=pm, other=0.0).to(tl.float32)
+            if HAS_GAIN:
+                term = tl.sum(g1 * (n1 * cos + n2 * sin) + g2 * (n2 * cos - n1 * sin), 1) + tl.sum(g3 * n3, 1)
+                tl.store(gain_grad_ptr + row, term, mask=row < rows)
+            d1, d2, d3 = (g1 * cos - g2 * sin) * gain, (g2 * cos + g1 * sin) * gain, g3 * gain  # at n
+            along = (tl.sum(d1 * n1, 1) + tl.sum(d2 * n2, 1) + tl.sum(d3 * n3, 1))[:, None] / D
+            y1, y2, y3 = r * (d1 - n1 * along), r * (d2 - n2 * along), r * (d3 - n3 * along)
+        else:
+            y1, y2, y3 = (n1 * cos + n2 * sin) * gain, (n2 * cos - n1 * sin) * gain, n3 * gain
+        tl.store(out_ptr + at, y1.to(out_ptr.dtype.element_ty), mask=cm)
+        tl.store(out_ptr + at + HALF, y2.to(out_ptr.dtype.element_ty), mask=cm)
+        tl.store(out_ptr + past, y3.to(out_ptr.dtype.element_ty), mask=pm)
+
+
+@torch.library.custom_op("golf::norm_rotary", mutates_args=())
+def norm_rotary(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    """norm_rotary_kernel on x: (B, T, H, D) at positions start, start+1, ...: (out, empty), or with grad
+    (x's gradient, gain's gradient term per row of D)."""
+    x = x.contiguous()
+    rows, half, rest = x.numel() // x.size(-1), cos.size(-1), x.size(-1) - 2 * cos.size(-1)
+    out = torch.empty_like(x)
+    gain_grad = x.new_empty(rows if grad is not None and gain is not None else 0, dtype=torch.float32)
+    block = 16  # rows per program, 4 warps: at the H100's memory bandwidth from 8 to 64 rows
+    norm_rotary_kernel[(triton.cdiv(rows, block),)](
+        x, x if grad is None else grad.contiguous(), x if gain is None else gain, cos, sin, out, gain_grad,
+        rows, x.size(1), x.size(2), start, D=x.size(-1), HALF=half, HALF_P2=triton.next_power_of_2(half),
+        PASS=rest, PASS_P2=max(1, triton.next_power_of_2(rest)), HAS_GAIN=gain is not None, BACKWARD=grad is not None,
+        BLOCK=block, num_warps=4)
+    return out, gain_grad
+
+
+@norm_rotary.register_fake
+def _(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    rows = x.numel() // x.size(-1) if grad is not None and gain is not None else 0
+    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32)
+
+
+class NormRotary(torch.autograd.Function):
+    """rotary(rms_norm(x)) * gain[head] (gain may be None) in one kernel each way, computed in fp32.
+    Inductor's kernels for the same ran at about half the memory bandwidth; the backward recomputes
+    the normalised x from x instead of reading a stored copy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int) -> Tensor:
+        ctx.save_for_backward(x, gain, cos, sin)
+        ctx.start = start
+        return norm_rotary(x, gain, cos, sin, start, None)[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        x, gain, cos, sin = ctx.saved_tensors
+        grad_x, gain_terms = norm_rotary(x, gain, cos, sin, ctx.start, grad)
+        return grad_x, None if gain is None else gain_terms.view(-1, x.size(2)).sum(0), None, None, None
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     """q: (B, Tq, H, D), the last Tq of the T positions; k, v: (B, T, Hkv, D), Hkv dividing H.
     Returns (B, Tq, H, D)."""
@@ -601,6 +682,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(h)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
         self.backend = h.attn_backend
+        self.fused = h.qk_kernel == "triton"  # NormRotary
 
     def forward(self, x: Tensor, value_embed: Tensor | None, tail: int) -> Tensor:
         """The outputs of the last `tail` positions, attending to all T."""
@@ -610,9 +692,12 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         if value_embed is not None:
             v = v + value_embed.view_as(v)
-        q = self.rotary(rms_norm(q), start=T - tail)
-        q = q * self.q_gain.to(q.dtype)[:, None]
-        k = self.rotary(rms_norm(k))
+        if self.fused:
+            q = NormRotary.apply(q, self.q_gain, self.rotary.cos, self.rotary.sin, T - tail)
+            k = NormRotary.apply(k, None, self.rotary.cos, self.rotary.sin, 0)
+        else:
+            q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
+            k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v, self.backend)
         if self.xsa:
             y = exclusive_self_attention(y, v[:, T - tail:])
@@ -1486,6 +1571,10 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     elif h.mlp_kernel == "triton" and not fusable:
         raise ConfigError("MLP_KERNEL=triton needs a Hopper GPU, Triton 3.4 or later, MLP_ACT=relu2, and MODEL_DIM and the MLP width "
                           "(MLP_MULT x MODEL_DIM) multiples of 8")
+    if h.qk_kernel == "auto":
+        h.qk_kernel = "triton" if triton is not None and hopper else "torch"
+    elif h.qk_kernel == "triton" and not (triton is not None and hopper):
+        raise ConfigError("QK_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later")
     pieces = world_size * h.grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % pieces:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of world size {world_size} x "
@@ -1613,7 +1702,7 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
     else:
         log("gpu none (cpu)")
     log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
-    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel}")
+    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel} qk_kernel:{h.qk_kernel}")
     head_dim = h.model_dim // h.num_heads
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 

@@ -163,11 +163,12 @@ def test_fa3_backend_is_refused_without_fa3_on_a_hopper_gpu(monkeypatch):
         tg.setup_runtime(h, {})
 
 
-def test_fused_relu2_mlp_matches_the_plain_mlp_in_tritons_interpreter():
-    """tests/relu2_kernel_check.py under Triton's CPU interpreter: the kernel, Relu2MLP, and the model with
-    MLP_KERNEL=triton against the plain MLP (output, gradients, GPTQ Hessians)."""
+def test_triton_kernels_match_the_plain_paths_in_tritons_interpreter():
+    """tests/triton_kernel_check.py under Triton's CPU interpreter: the kernels, Relu2MLP, NormRotary, and
+    the model with MLP_KERNEL=triton and QK_KERNEL=triton against the plain paths (output, gradients,
+    scoring, GPTQ Hessians)."""
     pytest.importorskip("triton")
-    check = Path(__file__).with_name("relu2_kernel_check.py")
+    check = Path(__file__).with_name("triton_kernel_check.py")
     result = subprocess.run([sys.executable, str(check)], env=os.environ | {"TRITON_INTERPRET": "1"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "all checks passed" in result.stdout, result.stdout + result.stderr
@@ -186,6 +187,16 @@ def test_mlp_kernel_resolution_on_this_machine():
         env["MLP_KERNEL"] = "triton"
         with pytest.raises(tg.ConfigError, match="MLP_KERNEL=triton needs a Hopper GPU, Triton 3.4 or later, MLP_ACT=relu2"):
             tg.setup_runtime(tg.Hyperparameters.from_env(env), {})
+
+
+def test_qk_kernel_resolution_on_this_machine():
+    usable = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and tg.triton is not None
+    h = tg.Hyperparameters.from_env({"ROPE_DIMS": "16"})  # partial rotary is fused too
+    tg.setup_runtime(h, {})
+    assert h.qk_kernel == ("triton" if usable else "torch")
+    if not usable:
+        with pytest.raises(tg.ConfigError, match="QK_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later"):
+            tg.setup_runtime(tg.Hyperparameters.from_env({"QK_KERNEL": "triton"}), {})
 
 
 def test_rescoring_an_artifact_whose_mlp_cannot_be_fused_uses_the_plain_mlp(monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
 """Run by test_train_model.py under TRITON_INTERPRET=1 (Triton's CPU interpreter, float32): the fused
-relu^2 MLP kernel against the plain MLP. Exits non-zero on the first mismatch."""
+relu^2 MLP kernel and the q/k norm-rotary kernel against the plain paths. Exits non-zero on the first
+mismatch."""
 import sys
 from pathlib import Path
 
@@ -27,12 +28,28 @@ for M, K, N in [(210, 64, 192), (7, 16, 24), (300, 96, 520)]:
     for name, want, got in zip(("y", "dx", "dw_fc", "dw_proj"), *results):
         close(f"{name} at {(M, K, N)}", got, want)
 
+# The q/k kernel against Rotary(rms_norm(x)) * gain: full and partial rotary (channels passed through,
+# widths that are not powers of 2), with and without the gain, from position 0 or a later one (the
+# scorer's last block), rows not a multiple of the kernel's 16.
+for B, T, H, D, dims, start, with_gain in [(2, 5, 3, 8, 0, 0, True), (1, 7, 2, 24, 12, 3, False), (3, 9, 4, 16, 4, 2, True)]:
+    rotary = tg.Rotary(tg.Hyperparameters(model_dim=H * D, num_heads=H, num_kv_heads=H, rope_dims=dims, train_seq_len=16, eval_seq_len=16))
+    x = torch.randn(B, T, H, D, requires_grad=True)
+    gain = torch.randn(H, requires_grad=True) if with_gain else None
+    grad = torch.randn(B, T, H, D)
+    results = []
+    for path in (lambda x, g: rotary(tg.rms_norm(x), start) * (g[:, None] if g is not None else 1),
+                 lambda x, g: tg.NormRotary.apply(x, g, rotary.cos, rotary.sin, start)):
+        y = path(x, gain)
+        results.append([y, *torch.autograd.grad(y, [x] + ([gain] if with_gain else []), grad)])
+    for name, want, got in zip(("y", "dx", "dgain"), *results):
+        close(f"norm-rotary {name} at {(B, T, H, D, dims, start)}", got, want)
+
 # The whole model, late QAT on: the loss, every gradient, and GPTQ's Hessians (collected on the plain
 # path, after which the fused path is back). MODEL_DIM 256 makes the MLP matrices large enough to be
 # exported as integers, so that they have Hessians.
 h = dict(vocab_size=96, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=32, bigram_dim=16,
          train_seq_len=32, eval_seq_len=32, xsa_last_n=1, late_qat_threshold=0.5)
-plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel)) for kernel in ("torch", "triton"))
+plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel, qk_kernel=kernel)) for kernel in ("torch", "triton"))
 with torch.no_grad():
     for p in plain.parameters():  # away from the zero-initialised projections, which would hide gradients
         p.add_(torch.randn_like(p) * 0.02)
@@ -46,6 +63,8 @@ for loss in losses:
     loss.backward()
 for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
     close(f"gradient of {name}", q.grad, p.grad)
+with torch.no_grad():  # the scorer's path: the last block computes only the last positions
+    close("token_nll of the last 5", fused.token_nll(idx[:, :-1], idx[:, 1:], 5), plain.token_nll(idx[:, :-1], idx[:, 1:], 5))
 rt = tg.Runtime(0, 1, torch.device("cpu"), 3, False)
 batches = [(idx[None, :, :-1], idx[None, :, 1:])]
 hessians = [tg.collect_hessians(model, batches, tg.Hyperparameters(**h), rt) for model in (plain, fused)]
@@ -53,4 +72,4 @@ assert any(".mlp." in name for name in hessians[0]), sorted(hessians[0])
 for name, H in hessians[0].items():
     close(f"Hessian of {name}", hessians[1][name], H)
 assert all(m.fused for m in fused.modules() if isinstance(m, tg.MLP)), "collect_hessians left the fused path off"
-print("relu2 kernel: all checks passed")
+print("triton kernels: all checks passed")
