@@ -121,6 +121,7 @@ class Hyperparameters:
     attn_backend: str = "auto"       # auto (fa3 if importable, else sdpa) | fa3 | sdpa
     mlp_kernel: str = "auto"         # auto (triton on a Hopper GPU with MLP_ACT=relu2, else torch) | triton | torch
     qk_kernel: str = "auto"          # q/k RMSNorm, rotary and gain: auto (triton on a Hopper GPU, else torch) | triton | torch
+    xsa_kernel: str = "auto"         # exclusive self attention: auto (triton on a Hopper GPU, else torch) | triton | torch
 
     from_environment = frozenset()   # (not a setting) the names set in the environment, see from_env
 
@@ -144,7 +145,8 @@ class Hyperparameters:
                 raise ConfigError(message)
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa"),
-                   "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch")}
+                   "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
+                   "xsa_kernel": ("auto", "triton", "torch")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} is not a multiple of NUM_HEADS={self.num_heads}")
@@ -657,6 +659,65 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     return y.transpose(1, 2)
 
 
+if triton is not None:
+    @triton.jit
+    def xsa_kernel(y_ptr, v_ptr, grad_ptr, out_ptr, grad_v_ptr, rows, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
+                   D_P2: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+        """exclusive_self_attention on rows of one kv head at one position: v (rows, D) and the G query heads'
+        outputs y (rows, G, D). In the backward, out = y's gradient given grad at the output, and grad_v = v's."""
+        row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        d, g = tl.arange(0, D_P2)[None, :], tl.arange(0, G_P2)[None, :, None]
+        vm = (row[:, None] < rows) & (d < D)
+        ym = vm[:, None, :] & (g < G)
+        at = (row[:, None, None] * G + g) * D + d[:, None, :]
+        v = tl.load(v_ptr + row[:, None] * D + d, mask=vm, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(v * v, 1)), 1e-12)[:, None]  # F.normalize's
+        v_hat = v * inv
+        y = tl.load(y_ptr + at, mask=ym, other=0.0).to(tl.float32)
+        along = tl.sum(y * v_hat[:, None, :], 2)[:, :, None]
+        if BACKWARD:
+            grad = tl.load(grad_ptr + at, mask=ym, other=0.0).to(tl.float32)
+            grad_along = tl.sum(grad * v_hat[:, None, :], 2)[:, :, None]
+            out = grad - grad_along * v_hat[:, None, :]
+            grad_v_hat = -tl.sum(along * grad + grad_along * y, 1)
+            grad_v = (grad_v_hat - tl.sum(grad_v_hat * v_hat, 1)[:, None] * v_hat) * inv
+            tl.store(grad_v_ptr + row[:, None] * D + d, grad_v.to(grad_v_ptr.dtype.element_ty), mask=vm)
+        else:
+            out = y - along * v_hat[:, None, :]
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=ym)
+
+
+@torch.library.custom_op("golf::xsa", mutates_args=())
+def xsa(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    """xsa_kernel: (exclusive_self_attention(y, v), empty), or with grad (y's gradient, v's gradient)."""
+    y, v = y.contiguous(), v.contiguous()
+    rows, D = v.numel() // v.size(-1), v.size(-1)
+    out, grad_v = torch.empty_like(y), torch.empty_like(v) if grad is not None else v.new_empty(0)
+    block = 16
+    xsa_kernel[(triton.cdiv(rows, block),)](y, v, y if grad is None else grad.contiguous(), out, grad_v, rows,
+                                            G=y.size(2) // v.size(2), G_P2=triton.next_power_of_2(y.size(2) // v.size(2)),
+                                            D=D, D_P2=triton.next_power_of_2(D), BACKWARD=grad is not None, BLOCK=block, num_warps=4)
+    return out, grad_v
+
+
+@xsa.register_fake
+def _(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(y), torch.empty_like(v) if grad is not None else v.new_empty(0)
+
+
+class ExclusiveSelfAttention(torch.autograd.Function):
+    """exclusive_self_attention in one kernel each way."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(y, v)
+        return xsa(y, v, None)[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return xsa(*ctx.saved_tensors, grad)
+
+
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (arXiv:2603.09078, PR #287): remove from each head's output its component along the
     normalised value vector of the same position. With GQA the query heads of one kv group share
@@ -683,6 +744,7 @@ class Attention(nn.Module):
         self.xsa = layer >= h.num_layers - h.xsa_last_n
         self.backend = h.attn_backend
         self.fused = h.qk_kernel == "triton"  # NormRotary
+        self.xsa_fused = h.xsa_kernel == "triton"  # ExclusiveSelfAttention
 
     def forward(self, x: Tensor, value_embed: Tensor | None, tail: int) -> Tensor:
         """The outputs of the last `tail` positions, attending to all T."""
@@ -700,7 +762,8 @@ class Attention(nn.Module):
             k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v, self.backend)
         if self.xsa:
-            y = exclusive_self_attention(y, v[:, T - tail:])
+            xsa = ExclusiveSelfAttention.apply if self.xsa_fused else exclusive_self_attention
+            y = xsa(y, v[:, T - tail:])
         return self.proj(y.reshape(B, tail, -1))
 
 
@@ -1565,16 +1628,16 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
         h.attn_backend = "fa3" if fa3_attention is not None and hopper else "sdpa"
     elif h.attn_backend == "fa3" and not (fa3_attention is not None and hopper):
         raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
-    fusable = triton is not None and hopper and relu2_mlp_fits(h)
-    if h.mlp_kernel == "auto":
-        h.mlp_kernel = "triton" if fusable else "torch"
-    elif h.mlp_kernel == "triton" and not fusable:
-        raise ConfigError("MLP_KERNEL=triton needs a Hopper GPU, Triton 3.4 or later, MLP_ACT=relu2, and MODEL_DIM and the MLP width "
-                          "(MLP_MULT x MODEL_DIM) multiples of 8")
-    if h.qk_kernel == "auto":
-        h.qk_kernel = "triton" if triton is not None and hopper else "torch"
-    elif h.qk_kernel == "triton" and not (triton is not None and hopper):
-        raise ConfigError("QK_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later")
+    # The Triton kernels: each runs where it fits, and an explicit "triton" that cannot run is refused.
+    needs = "a Hopper GPU and Triton 3.4 or later"
+    for name, fits, also in (("mlp_kernel", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
+                                                               "(MLP_MULT x MODEL_DIM) multiples of 8"),
+                             ("qk_kernel", True, ""), ("xsa_kernel", True, "")):
+        usable = triton is not None and hopper and fits
+        if getattr(h, name) == "auto":
+            setattr(h, name, "triton" if usable else "torch")
+        elif getattr(h, name) == "triton" and not usable:
+            raise ConfigError(f"{name.upper()}=triton needs {needs}{also}")
     pieces = world_size * h.grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % pieces:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of world size {world_size} x "
@@ -1702,7 +1765,7 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
     else:
         log("gpu none (cpu)")
     log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
-    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel} qk_kernel:{h.qk_kernel}")
+    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel} qk_kernel:{h.qk_kernel} xsa_kernel:{h.xsa_kernel}")
     head_dim = h.model_dim // h.num_heads
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 

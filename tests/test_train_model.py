@@ -174,29 +174,22 @@ def test_triton_kernels_match_the_plain_paths_in_tritons_interpreter():
     assert result.returncode == 0 and "all checks passed" in result.stdout, result.stdout + result.stderr
 
 
-def test_mlp_kernel_resolution_on_this_machine():
-    cuda_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-    h = tg.Hyperparameters.from_env({})
-    tg.setup_runtime(h, {})
-    assert h.mlp_kernel == ("triton" if cuda_hopper and tg.triton is not None else "torch")
-    h = tg.Hyperparameters.from_env({"MLP_KERNEL": "auto", "MLP_ACT": "leaky_relu2"})
-    tg.setup_runtime(h, {})
-    assert h.mlp_kernel == "torch"  # its sign is lost in act = leaky_relu(h)^2, which the fused backward reads
-    refused = [{"MLP_ACT": "leaky_relu2"}, {"MLP_MULT": "2.99"}] + ([] if cuda_hopper else [{}])
-    for env in refused:
-        env["MLP_KERNEL"] = "triton"
-        with pytest.raises(tg.ConfigError, match="MLP_KERNEL=triton needs a Hopper GPU, Triton 3.4 or later, MLP_ACT=relu2"):
-            tg.setup_runtime(tg.Hyperparameters.from_env(env), {})
-
-
-def test_qk_kernel_resolution_on_this_machine():
+def test_kernel_resolution_on_this_machine():
     usable = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and tg.triton is not None
     h = tg.Hyperparameters.from_env({"ROPE_DIMS": "16"})  # partial rotary is fused too
     tg.setup_runtime(h, {})
-    assert h.qk_kernel == ("triton" if usable else "torch")
-    if not usable:
-        with pytest.raises(tg.ConfigError, match="QK_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later"):
-            tg.setup_runtime(tg.Hyperparameters.from_env({"QK_KERNEL": "triton"}), {})
+    assert (h.mlp_kernel, h.qk_kernel, h.xsa_kernel) == (("triton",) * 3 if usable else ("torch",) * 3)
+    h = tg.Hyperparameters.from_env({"MLP_KERNEL": "auto", "MLP_ACT": "leaky_relu2"})
+    tg.setup_runtime(h, {})
+    assert h.mlp_kernel == "torch"  # its sign is lost in act = leaky_relu(h)^2, which the fused backward reads
+    refused = [{"MLP_ACT": "leaky_relu2"}, {"MLP_MULT": "2.99"}] + ([] if usable else [{}])
+    for env in refused:
+        env["MLP_KERNEL"] = "triton"
+        with pytest.raises(tg.ConfigError, match="MLP_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later, MLP_ACT=relu2"):
+            tg.setup_runtime(tg.Hyperparameters.from_env(env), {})
+    for name in ([] if usable else ["QK_KERNEL", "XSA_KERNEL"]):
+        with pytest.raises(tg.ConfigError, match=f"^{name}=triton needs a Hopper GPU and Triton 3.4 or later$"):
+            tg.setup_runtime(tg.Hyperparameters.from_env({name: "triton"}), {})
 
 
 def test_rescoring_an_artifact_whose_mlp_cannot_be_fused_uses_the_plain_mlp(monkeypatch, tmp_path):

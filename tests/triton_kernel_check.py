@@ -44,12 +44,24 @@ for B, T, H, D, dims, start, with_gain in [(2, 5, 3, 8, 0, 0, True), (1, 7, 2, 2
     for name, want, got in zip(("y", "dx", "dgain"), *results):
         close(f"norm-rotary {name} at {(B, T, H, D, dims, start)}", got, want)
 
+# The XSA kernel against exclusive_self_attention: query heads per kv head 1, 2 and 3, head widths not
+# powers of 2, rows not a multiple of the kernel's 16.
+for B, T, H, Hkv, D in [(2, 5, 4, 2, 8), (1, 7, 6, 2, 12), (3, 4, 3, 3, 16)]:
+    y, v = torch.randn(B, T, H, D, requires_grad=True), torch.randn(B, T, Hkv, D, requires_grad=True)
+    grad = torch.randn(B, T, H, D)
+    results = []
+    for xsa in (tg.exclusive_self_attention, tg.ExclusiveSelfAttention.apply):
+        out = xsa(y, v)
+        results.append([out, *torch.autograd.grad(out, (y, v), grad)])
+    for name, want, got in zip(("out", "dy", "dv"), *results):
+        close(f"xsa {name} at {(B, T, H, Hkv, D)}", got, want)
+
 # The whole model, late QAT on: the loss, every gradient, and GPTQ's Hessians (collected on the plain
 # path, after which the fused path is back). MODEL_DIM 256 makes the MLP matrices large enough to be
 # exported as integers, so that they have Hessians.
 h = dict(vocab_size=96, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=32, bigram_dim=16,
          train_seq_len=32, eval_seq_len=32, xsa_last_n=1, late_qat_threshold=0.5)
-plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel, qk_kernel=kernel)) for kernel in ("torch", "triton"))
+plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel, qk_kernel=kernel, xsa_kernel=kernel)) for kernel in ("torch", "triton"))
 with torch.no_grad():
     for p in plain.parameters():  # away from the zero-initialised projections, which would hide gradients
         p.add_(torch.randn_like(p) * 0.02)
