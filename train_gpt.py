@@ -476,7 +476,7 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attention
 except ImportError:
     fa3_attention = None
-try:  # Triton ships with PyTorch's CUDA builds: the MLP's and q/k's fused kernels (Hopper)
+try:  # Triton ships with PyTorch's CUDA builds: the fused MLP, q/k and XSA kernels (Hopper)
     import triton
     import triton.language as tl
     if not hasattr(tl, "make_tensor_descriptor"):  # before Triton 3.4 (PyTorch 2.8)
@@ -693,7 +693,7 @@ def xsa(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
     y, v = y.contiguous(), v.contiguous()
     rows, D = v.numel() // v.size(-1), v.size(-1)
     out, grad_v = torch.empty_like(y), torch.empty_like(v) if grad is not None else v.new_empty(0)
-    block = 16
+    block = 16  # rows per program, 4 warps, as norm_rotary's
     xsa_kernel[(triton.cdiv(rows, block),)](y, v, y if grad is None else grad.contiguous(), out, grad_v, rows,
                                             G=y.size(2) // v.size(2), G_P2=triton.next_power_of_2(y.size(2) // v.size(2)),
                                             D=D, D_P2=triton.next_power_of_2(D), BACKWARD=grad is not None, BLOCK=block, num_warps=4)
@@ -706,7 +706,8 @@ def _(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 class ExclusiveSelfAttention(torch.autograd.Function):
-    """exclusive_self_attention in one kernel each way."""
+    """exclusive_self_attention in one kernel each way, computed in fp32 (inductor's took about twice
+    the time, the backward in three kernels)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, v: Tensor) -> Tensor:
@@ -743,7 +744,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(h)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
         self.backend = h.attn_backend
-        self.fused = h.qk_kernel == "triton"  # NormRotary
+        self.qk_fused = h.qk_kernel == "triton"  # NormRotary
         self.xsa_fused = h.xsa_kernel == "triton"  # ExclusiveSelfAttention
 
     def forward(self, x: Tensor, value_embed: Tensor | None, tail: int) -> Tensor:
@@ -754,7 +755,7 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         if value_embed is not None:
             v = v + value_embed.view_as(v)
-        if self.fused:
+        if self.qk_fused:
             q = NormRotary.apply(q, self.q_gain, self.rotary.cos, self.rotary.sin, T - tail)
             k = NormRotary.apply(k, None, self.rotary.cos, self.rotary.sin, 0)
         else:
@@ -1629,7 +1630,6 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     elif h.attn_backend == "fa3" and not (fa3_attention is not None and hopper):
         raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
     # The Triton kernels: each runs where it fits, and an explicit "triton" that cannot run is refused.
-    needs = "a Hopper GPU and Triton 3.4 or later"
     for name, fits, also in (("mlp_kernel", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
                                                                "(MLP_MULT x MODEL_DIM) multiples of 8"),
                              ("qk_kernel", True, ""), ("xsa_kernel", True, "")):
@@ -1637,7 +1637,7 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
         if getattr(h, name) == "auto":
             setattr(h, name, "triton" if usable else "torch")
         elif getattr(h, name) == "triton" and not usable:
-            raise ConfigError(f"{name.upper()}=triton needs {needs}{also}")
+            raise ConfigError(f"{name.upper()}=triton needs a Hopper GPU and Triton 3.4 or later{also}")
     pieces = world_size * h.grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % pieces:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of world size {world_size} x "
