@@ -164,9 +164,9 @@ def test_fa3_backend_is_refused_without_fa3_on_a_hopper_gpu(monkeypatch):
 
 
 def test_triton_kernels_match_the_plain_paths_in_tritons_interpreter():
-    """tests/triton_kernel_check.py under Triton's CPU interpreter: the kernels, Relu2MLP, NormRotary, and
-    the model with MLP_KERNEL=triton and QK_KERNEL=triton against the plain paths (output, gradients,
-    scoring, GPTQ Hessians)."""
+    """tests/triton_kernel_check.py under Triton's CPU interpreter: the kernels, Relu2MLP, NormRotary,
+    ExclusiveSelfAttention, and the model with all three kernel settings at triton against the plain paths
+    (output, gradients, scoring, GPTQ Hessians)."""
     pytest.importorskip("triton")
     check = Path(__file__).with_name("triton_kernel_check.py")
     result = subprocess.run([sys.executable, str(check)], env=os.environ | {"TRITON_INTERPRET": "1"},

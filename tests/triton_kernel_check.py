@@ -1,6 +1,6 @@
 """Run by test_train_model.py under TRITON_INTERPRET=1 (Triton's CPU interpreter, float32): the fused
-relu^2 MLP kernel and the q/k norm-rotary kernel against the plain paths. Exits non-zero on the first
-mismatch."""
+relu^2 MLP kernel, the q/k norm-rotary kernel and the XSA kernel against the plain paths. Exits non-zero
+on the first mismatch."""
 import sys
 from pathlib import Path
 
