@@ -10,6 +10,7 @@ Pipeline: settings -> data -> metric -> model -> optimisers -> averaging -> quan
 from __future__ import annotations
 
 import collections
+import contextlib
 import difflib
 import gc
 import glob
@@ -17,8 +18,11 @@ import json
 import math
 import os
 import platform
+import re
+import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -329,12 +333,19 @@ def load_shard(path) -> np.ndarray:
 def write_atomic(path, *chunks: bytes) -> None:
     """Write the chunks under a temporary name, then rename: readers never see a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a read-only folder, a signal: nothing is left under either name
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RunError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
 
 
 def write_shard(path, tokens) -> None:
@@ -1119,17 +1130,16 @@ class Optimizers:
 
 
 def lr_scale_at(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float) -> float:
-    """Constant, then linear warm-down to 0. Under a time cap (cap_ms > 0: the end of the training
-    loop) the warm-down lasts WARMDOWN_ITERS times the mean step time so far and ends at the cap;
-    otherwise it covers the last WARMDOWN_ITERS steps."""
+    """Constant, then linear warm-down to 0 over the last WARMDOWN_ITERS steps before ITERATIONS.
+    Under a time cap (cap_ms > 0: the end of the training loop) the warm-down also lasts WARMDOWN_ITERS
+    times the mean step time so far and ends at the cap: whichever limit comes first reaches 0."""
     if h.warmdown_iters <= 0:
         return 1.0
-    if cap_ms > 0:
-        if step == 0 or elapsed_ms <= 0:  # no step time known yet
-            return 1.0
-        warmdown_ms = h.warmdown_iters * elapsed_ms / step
-        return min(max(cap_ms - elapsed_ms, 0.0) / warmdown_ms, 1.0)
-    return min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
+    by_steps = min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
+    if cap_ms <= 0 or step == 0 or elapsed_ms <= 0:  # no cap, or no step time known yet
+        return by_steps
+    warmdown_ms = h.warmdown_iters * elapsed_ms / step
+    return min(max(cap_ms - elapsed_ms, 0.0) / warmdown_ms, by_steps)
 
 
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
@@ -1309,6 +1319,25 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
     return {name: (q.cpu(), scale.cpu()) for name, (q, scale) in quantized.items()}  # packing reads host memory
 
 
+FP16_MAX = 65504.0
+
+
+def check_storable(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Stop, naming the tensor, before an artifact would hold a value its storage type cannot: a non-finite
+    weight, an fp16 tensor or row scale beyond the fp16 range (it would be stored as inf)."""
+    for name, fmt in formats.items():
+        w = state[name].float()
+        if not bool(torch.isfinite(w).all()):
+            problem = f"holds {int((~torch.isfinite(w)).sum())} non-finite values"
+        elif fmt[0] == "fp16" and w.numel() and float(w.abs().max()) > FP16_MAX:
+            problem = f"has |w| up to {float(w.abs().max()):.3g}, beyond fp16's {FP16_MAX:.0f}"
+        elif fmt[0] == "int" and not bool(torch.isfinite(quantized[name][1].float()).all()):
+            problem = f"has rows whose int{fmt[1]} step is beyond fp16's range (|w| up to {float(w.abs().max()):.3g})"
+        else:
+            continue
+        raise RunError(f"tensor {name} {problem}: no artifact is written (the weights diverged; lower the learning rates)")
+
+
 def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Linear]:
     """The Linear layers whose weights are exported as integers, by parameter name."""
     routes = route_parameters(model)
@@ -1475,6 +1504,7 @@ def export_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantiz
     """Pack, fit to the byte budget, compress and write (temporary name, then rename).
     Returns (artifact bytes, quantised values zeroed to fit)."""
     blob, pruned = fit_to_budget(state, formats, quantized, asdict(h), hessians, budget)
+    check_size_cap(len(blob) + len(SOURCE))  # an artifact over the cap never gets a name
     write_atomic(path, blob)
     return len(blob), pruned
 
@@ -1712,28 +1742,48 @@ class StepRecords:
 
 
 class RunLog:
-    """Rank 0 writes logs/<RUN_ID>.txt (named .part until the run ends) and echoes to stdout."""
+    """Rank 0 writes logs/<RUN_ID>.txt and echoes to stdout. The file is named .part until the run ends;
+    it then takes its final name if every line reached the disk, so a failed run's log ends in its
+    `error:` line, and a log that could not be completed (a full disk) keeps the .part name."""
 
     def __init__(self, path: Path, master: bool):
         self.path, self.part = path, path.with_name(path.name + ".part")
-        self.file = open(self.part, "w", encoding="utf-8") if master else None
+        self.complete = True
+        try:
+            self.file = open(self.part, "w", encoding="utf-8") if master else None
+        except OSError as e:
+            raise ConfigError(f"{self.part}: cannot create the run log ({e.strerror or e})") from None
 
     def __call__(self, line: str, console: bool = True) -> None:
         if self.file is None:
             return
         if console:
             print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except OSError as e:
+            if self.complete:  # one complaint; the run goes on, its log stays .part
+                print(f"warning: {self.part}: cannot write the run log ({e.strerror or e}); it keeps the .part name", file=sys.stderr)
+            self.complete = False
 
     def close(self) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        with contextlib.suppress(OSError):
             self.file.close()
+        if self.complete:
             os.replace(self.part, self.path)
+
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # a plain file name: nothing outside logs/
 
 
 def claim_run_paths(h: Hyperparameters, rt: Runtime) -> tuple[Path, Path]:
     """logs/<RUN_ID>.txt and logs/<RUN_ID>.model.zst; an earlier run's files are never overwritten."""
+    if h.run_id and not RUN_ID_PATTERN.fullmatch(h.run_id):
+        raise ConfigError(f"RUN_ID={h.run_id!r}: expected a plain file name of letters, digits, '.', '_' and '-' "
+                          "(at most 200, not starting with '.'); the run writes logs/<RUN_ID>.txt")
     if not h.run_id:
         stamp = [time.strftime("%Y%m%d_%H%M%S_") + os.urandom(2).hex()]
         if rt.distributed:
@@ -1746,7 +1796,10 @@ def claim_run_paths(h: Hyperparameters, rt: Runtime) -> tuple[Path, Path]:
     if rt.distributed:
         dist.barrier()  # every rank checked before rank 0 creates the log
     if rt.master:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{log_path.parent}/: cannot create the folder for the run's log and artifact ({e.strerror or e})") from None
     return log_path, artifact_path
 
 
@@ -1777,11 +1830,20 @@ def log_sizes(log: RunLog, artifact_bytes: int) -> int:
     return artifact_bytes + len(SOURCE)
 
 
+def finite_score(evaluator: Evaluator, sliding: bool) -> tuple[float, float, float]:
+    """evaluator.score, or the run fails (on every rank: the sums are all-reduced) when it is not finite."""
+    loss, bpb, ms = evaluator.score(sliding)
+    if not (math.isfinite(loss) and math.isfinite(bpb)):
+        raise RunError(f"the {'sliding-window' if sliding else 'round-trip'} score is val_loss:{loss} val_bpb:{bpb}: "
+                       "the model's outputs are not finite, so the run has no score")
+    return loss, bpb, ms
+
+
 def log_final_scores(log: RunLog, evaluator: Evaluator, h: Hyperparameters) -> None:
-    loss, bpb, ms = evaluator.score(sliding=False)
+    loss, bpb, ms = finite_score(evaluator, sliding=False)
     log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    loss, bpb, ms = evaluator.score(sliding=True)
+    loss, bpb, ms = finite_score(evaluator, sliding=True)
     log(f"final_int6_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride} eval_time:{ms:.0f}ms")
     log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
@@ -1789,6 +1851,36 @@ def log_final_scores(log: RunLog, evaluator: Evaluator, h: Hyperparameters) -> N
 def check_size_cap(total_bytes: int) -> None:
     if total_bytes > SIZE_CAP_BYTES:
         raise RunError(f"total submission size {total_bytes} bytes is over the {SIZE_CAP_BYTES:,}-byte cap by {total_bytes - SIZE_CAP_BYTES} bytes")
+
+
+def check_budget(h: Hyperparameters) -> None:
+    """At start: TARGET_BYTES must hold the code and at least an empty artifact container."""
+    floor = len(SOURCE) + len(compress(pack_artifact({}, {}, {}, asdict(h))))
+    if h.target_bytes < floor:
+        raise ConfigError(f"TARGET_BYTES={h.target_bytes}: expected at least {floor} (the code, {len(SOURCE)} bytes, "
+                          f"and an empty artifact) and at most {SIZE_CAP_BYTES}")
+
+
+def on_master(rt: Runtime, work):
+    """work() on rank 0 only, with its outcome shared: every rank returns its result, or every rank
+    raises its error (a rank left waiting at the next collective would hang)."""
+    result, error = None, None
+    if rt.master:
+        try:
+            result = work()
+        except Exception as e:
+            if not rt.distributed:
+                raise
+            error = e
+    if rt.distributed:
+        shared = [result, None if error is None else f"rank 0: {error}"]
+        dist.broadcast_object_list(shared, src=0)
+        if error is not None:
+            raise error
+        if shared[1] is not None:
+            raise RunError(shared[1])
+        result = shared[0]
+    return result
 
 
 def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runtime) -> tuple:
@@ -1842,6 +1934,10 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     (_, cold_ms), (_, warm_ms) = timed_quantization(), timed_quantization()
     # One loop cap for all ranks, so that they stop after the same step: the slowest rank's time.
     reserve_ms = rank_max(min(cold_ms, RESERVE_FACTOR * warm_ms), rt)
+    cap_ms = 1000.0 * h.max_wallclock_seconds
+    if cap_ms > 0 and reserve_ms >= cap_ms:
+        raise RunError(f"the export quantisation needs {reserve_ms:.0f}ms reserved, at or above MAX_WALLCLOCK_SECONDS="
+                       f"{h.max_wallclock_seconds:g}: no time would be left to train (raise the cap, or lower GPTQ_CALIB_BATCHES)")
     model.load_state_dict(initial)
     loader = TrainLoader(h, rt)
     log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and two export quantisations "
@@ -1850,7 +1946,6 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
 
     opt = Optimizers(model, routes, h, rt, orthogonalize)
     averager = WeightAverager(model, h)
-    cap_ms = 1000.0 * h.max_wallclock_seconds
     loop_cap_ms = cap_ms - reserve_ms if cap_ms > 0 else 0.0
     step, training_ms, lr_scale, stop, qat_on = 0, 0.0, 1.0, False, False
     records = StepRecords(rt)
@@ -1920,6 +2015,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     set_late_qat(model, False)
 
     export, quantization_ms = timed_quantization()
+    check_storable(*export[:3])  # every rank holds the same weights: all stop together
     total_ms = rank_max(training_ms + quantization_ms, rt)  # the slowest rank's: every rank passes or fails together
     log(f"training_budget: train_time:{training_ms:.0f}ms quantisation:{quantization_ms:.0f}ms "
         f"total:{total_ms:.0f}ms cap:{cap_ms:.0f}ms method:{h.quant_method} "
@@ -1941,16 +2037,12 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
-    if rt.master:
-        _, zeroed = export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - len(SOURCE))
-        log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
-    if rt.distributed:
-        dist.barrier()
+    _, zeroed = on_master(rt, lambda: export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - len(SOURCE)))
+    log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
     state, _ = load_artifact(artifact_path)  # the score is always that of the bytes on disk
     model.load_state_dict(state)
-    total = log_sizes(log, artifact_path.stat().st_size)
+    log_sizes(log, artifact_path.stat().st_size)
     log_final_scores(log, evaluator, h)
-    check_size_cap(total)
 
 
 # Settings that fix the shape of the saved weights: re-scoring takes them from the artifact.
@@ -1984,9 +2076,26 @@ def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     check_size_cap(total)
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM (torchrun sends it to every rank when one fails): unwinds like an error, so
+    that the log gets its last line and temporary files go."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
 def main() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_stopped)
     h = Hyperparameters.from_env(os.environ)
     require_zstandard()
+    if not h.eval_artifact:
+        check_budget(h)
     rt = setup_runtime(h, os.environ)
     try:
         log_path, artifact_path = claim_run_paths(h, rt)
@@ -2001,6 +2110,11 @@ def main() -> None:
                 dist.barrier()  # no rank tears down its process group while another still uses it
         except RunError as e:
             log(f"error: {e}", console=False)
+            raise
+        except BaseException as e:  # a bug, SIGINT, SIGTERM: the log says so in its last line
+            if not isinstance(e, Stopped):
+                log(traceback.format_exc().rstrip(), console=False)
+            log(f"error: the run did not finish: {e if isinstance(e, Stopped) else type(e).__name__ + ': ' + str(e)}", console=False)
             raise
         finally:
             log.close()
@@ -2019,3 +2133,6 @@ if __name__ == "__main__":
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stopped:
+        print(f"error: {stopped}", file=sys.stderr)
+        sys.exit(128 + stopped.signum)

@@ -7,14 +7,15 @@ import dataclasses, os, sys, time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt as tg
 seen = {}
-train, check = tg.train, tg.check_size_cap
+train, final_scores = tg.train, tg.log_final_scores
 def capture_train(model, routes, evaluator, h, rt, log):
     seen.update(model=model, routes=routes, evaluator=evaluator, h=h, log=log)
     seen["export"] = train(model, routes, evaluator, h, rt, log)
     _, seen["pre"], ms = evaluator.score(True)
     log(f"study prequant_sliding_bpb:{seen['pre']:.5f} eval_ms:{ms:.0f}")
     return seen["export"]
-def variants(total):
+def variants(log_, evaluator, h_):
+    final_scores(log_, evaluator, h_)
     h, log, model, ev, routes = seen["h"], seen["log"], seen["model"], seen["evaluator"], seen["routes"]
     state, formats, quantized, hessians = seen["export"]
     code = len(tg.SOURCE)
@@ -28,6 +29,5 @@ def variants(total):
         _, slide, _ = ev.score(True)
         log(f"study {method} int{h.attn_bits}/{h.mlp_bits}: artifact:{len(blob)} total:{len(blob) + code} zeroed:{zeroed} "
             f"quantise_s:{tq:.1f} roundtrip_nonoverlap_bpb:{flat:.5f} roundtrip_sliding_bpb:{slide:.5f} gap_sliding:{slide - seen['pre']:+.5f}")
-    check(total)
-tg.train, tg.check_size_cap = capture_train, variants
+tg.train, tg.log_final_scores = capture_train, variants
 tg.main()

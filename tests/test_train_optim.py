@@ -104,6 +104,11 @@ def test_schedules():
     assert tg.lr_scale_at(h, 150, 7500.0, 10000.0) == pytest.approx(2500 / 5000)
     assert tg.lr_scale_at(h, 200, 10000.0, 10000.0) == 0.0
     assert tg.lr_scale_at(h, 3, 0.0, 10000.0) == 1.0  # no step time known yet
+    h = tg.Hyperparameters(iterations=100, warmdown_iters=20)  # a cap far away: the step limit ends training first
+    assert [tg.lr_scale_at(h, s, 50.0 * s, 600_000.0) for s in (1, 80, 90, 100)] == [1.0, 1.0, 0.5, 0.0]
+    h = tg.Hyperparameters(iterations=100, warmdown_iters=50)  # both limits near: the lower scale wins
+    assert tg.lr_scale_at(h, 60, 6000.0, 10000.0) == pytest.approx(min(4000 / 5000, 40 / 50))
+    assert tg.lr_scale_at(h, 60, 9000.0, 10000.0) == pytest.approx(1000 / 7500)
     h = tg.Hyperparameters(muon_momentum_warmup_start=0.9, muon_momentum=0.99, muon_momentum_warmup_steps=10)
     assert [round(tg.muon_momentum_at(h, s), 6) for s in (0, 5, 10, 50)] == [0.9, 0.945, 0.99, 0.99]
 

@@ -1,0 +1,140 @@
+"""The 16,000,000-byte cap and the time cap, checked early and on every rank; no artifact holds a value its
+storage type cannot, and no run reports a score that is not finite."""
+import re
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+from conftest import gloo_ranks
+
+# A model whose MLP matrices are exported as integers (more than SMALL_TENSOR_NUMEL elements each), so
+# that fitting a byte target has +-1 values to zero.
+WIDE = dict(MODEL_DIM="160", ITERATIONS="4", QUANT_METHOD="rtn")
+
+
+def logged_int(log: str, prefix: str) -> int:
+    return int(re.search(rf"^{prefix}(\d+)", log, re.M).group(1))
+
+
+def test_a_binding_target_counts_the_code_bytes(run):
+    free = run(RUN_ID="free", **WIDE)
+    assert free.returncode == 0, free.stderr
+    unpruned = logged_int(free.stdout, "Serialized model int6\\+zstd: ")
+    code = logged_int(free.stdout, "Code size: ")
+    assert code == len(tg.SOURCE)
+    target = code + unpruned - 3000
+    fitted = run(RUN_ID="fitted", TARGET_BYTES=str(target), **WIDE)
+    assert fitted.returncode == 0, fitted.stderr
+    artifact = logged_int(fitted.stdout, "Serialized model int6\\+zstd: ")
+    assert logged_int(fitted.stdout, "Total submission size int6\\+zstd: ") == artifact + code <= target
+    assert (run.cwd / "logs/fitted.model.zst").stat().st_size == artifact
+    zeroed = int(re.search(r"(\d+) quantised \+-1 values zeroed to fit TARGET_BYTES=", fitted.stdout).group(1))
+    assert zeroed > 0
+
+
+def test_an_artifact_over_the_cap_is_never_written(tmp_path, monkeypatch):
+    over = tg.SIZE_CAP_BYTES - len(tg.SOURCE) + 1
+    monkeypatch.setattr(tg, "fit_to_budget", lambda *args: (b"\0" * over, 0))
+    h = tg.Hyperparameters()
+    with pytest.raises(tg.RunError, match=r"total submission size 16000001 bytes is over the 16,000,000-byte cap by 1 bytes"):
+        tg.export_artifact({}, {}, {}, h, {}, tmp_path / "run.model.zst", budget=10**9)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(tg, "fit_to_budget", lambda *args: (b"\0" * (over - 1), 0))
+    tg.export_artifact({}, {}, {}, h, {}, tmp_path / "run.model.zst", budget=10**9)
+    assert (tmp_path / "run.model.zst").stat().st_size == over - 1
+
+
+@pytest.mark.parametrize("target, message", [
+    ("1000", r"error: TARGET_BYTES=1000: expected at least \d+ \(the code, \d+ bytes, and an empty artifact\) and at most 16000000"),
+])
+def test_a_target_that_cannot_be_met_is_refused_at_start(run, target, message):
+    result = run(RUN_ID="target", TARGET_BYTES=target)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(message, result.stderr.strip().splitlines()[-1]), result.stderr
+    assert not (run.cwd / "logs").exists()
+
+
+def test_a_reserve_at_or_above_the_time_cap_is_refused_before_training(run):
+    result = run(RUN_ID="reserve", MAX_WALLCLOCK_SECONDS="0.001")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"error: the export quantisation needs \d+ms reserved, at or above MAX_WALLCLOCK_SECONDS=0\.001: "
+                        r"no time would be left to train .*", result.stderr.strip().splitlines()[-1]), result.stderr
+    log = (run.cwd / "logs/reserve.txt").read_text().split("\n==== end of source ====\n")[1]
+    assert "step:1/" not in log and not (run.cwd / "logs/reserve.model.zst").exists()
+
+
+def test_diverged_weights_stop_the_run_naming_the_tensor(run):
+    result = run(RUN_ID="diverged", MATRIX_LR="1e5", MUON_WD="0", WEIGHT_AVG="none", ITERATIONS="10")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"error: (tensor \S+ (holds|has) .*: no artifact is written .*|train_loss is (nan|inf) at step \d+: .*)",
+                        result.stderr.strip().splitlines()[-1]), result.stderr
+    assert not (run.cwd / "logs/diverged.model.zst").exists() and "final_int6" not in result.stdout
+
+
+@pytest.mark.parametrize("fmt, value, problem", [
+    (("fp32",), float("nan"), "holds 1 non-finite values"),
+    (("fp16",), float("inf"), "holds 1 non-finite values"),
+    (("fp16",), 70000.0, "has |w| up to 7e+04, beyond fp16's 65504"),
+    (("int", 5, 1.0), 1e7, "has rows whose int5 step is beyond fp16's range"),
+])
+def test_values_their_storage_cannot_hold_are_refused(fmt, value, problem):
+    w = torch.ones(4, 8)
+    w[2, 3] = value
+    state, formats = {"ok": torch.ones(3), "bad": w}, {"ok": ("fp32",), "bad": fmt}
+    quantized = {"bad": tg.quantize_rows(w, fmt[1])} if fmt[0] == "int" else {}
+    with pytest.raises(tg.RunError, match=re.escape(f"tensor bad {problem}")):
+        tg.check_storable(state, formats, quantized)
+    w[2, 3] = 60000.0 if fmt[0] == "fp16" else 3.0  # storable: no error
+    tg.check_storable(state, formats, {"bad": tg.quantize_rows(w, fmt[1])} if fmt[0] == "int" else {})
+
+
+def test_a_score_that_is_not_finite_fails_the_run():
+    class Diverged:
+        def score(self, sliding):
+            return float("nan"), float("nan"), 1.0
+
+    class Fine:
+        def score(self, sliding):
+            return 2.0, 1.5, 1.0
+    lines = []
+    with pytest.raises(tg.RunError, match=r"the round-trip score is val_loss:nan val_bpb:nan"):
+        tg.log_final_scores(lines.append, Diverged(), tg.Hyperparameters())
+    assert lines == []  # no final_ line with nan for tools to read
+    tg.log_final_scores(lines.append, Fine(), tg.Hyperparameters())
+    assert len(lines) == 4 and all(line.startswith("final_int6_") for line in lines)
+
+
+def on_master_worker(rank, world_size, init_file, out_file):
+    with gloo_ranks(rank, world_size, init_file, timeout_s=60):
+        rt = tg.Runtime(rank=rank, world_size=world_size, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
+        outcomes = []
+        for fail in (False, True):
+            def work():
+                if fail:
+                    raise tg.RunError("the artifact cannot fit")
+                return ("written", 7)
+            try:
+                outcomes.append(tg.on_master(rt, work))
+            except tg.RunError as e:
+                outcomes.append(f"RunError: {e}")
+        torch.save(outcomes, f"{out_file}.{rank}")
+
+
+def test_an_export_failure_on_rank_0_stops_every_rank(tmp_path):
+    mp.spawn(on_master_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    results = [torch.load(f"{tmp_path / 'out'}.{rank}") for rank in range(2)]
+    assert results[0] == [("written", 7), "RunError: the artifact cannot fit"]
+    assert results[1] == [("written", 7), "RunError: rank 0: the artifact cannot fit"]
+
+
+def test_an_impossible_target_fails_both_ranks_with_the_same_error(run):
+    """Rank 0 cannot fit the artifact: rank 1 must fail too, with rank 0's reason, not wait at a barrier."""
+    target = len(tg.SOURCE) + 2000  # above the empty container, far below the model
+    result = run(nproc=2, RUN_ID="nofit", GRAD_ACCUM_STEPS="1", TARGET_BYTES=str(target), timeout=240, **WIDE)
+    assert result.returncode != 0
+    assert re.search(r"^error: the artifact cannot fit \d+ bytes even with all \d+ quantised \+-1 values zeroed", result.stderr, re.M), result.stderr
+    # torchrun lists the first failure and any rank it had to stop: rank 1 ended on its own, with status 2
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 2 ", result.stderr), result.stderr
+    assert (run.cwd / "logs/nofit.txt").read_text().rstrip().splitlines()[-1].startswith("error: the artifact cannot fit")
