@@ -2107,7 +2107,6 @@ def stored_model_settings(config: dict, h: Hyperparameters, source: str) -> dict
     except ConfigError as e:
         raise DataError(f"{source}: stored model settings: {e}") from None
     need(settings.num_layers <= MAX_ARTIFACT_TENSORS, f"NUM_LAYERS={settings.num_layers}: more blocks than an artifact may hold tensors ({MAX_ARTIFACT_TENSORS})")
-    need(settings.model_dim >= 2 * settings.num_heads, f"MODEL_DIM={settings.model_dim}: expected at least 2 channels a head (NUM_HEADS={settings.num_heads})")
     need(settings.mlp_mult * settings.model_dim <= MAX_CONTAINER_BYTES, f"MLP_MULT={settings.mlp_mult}: an MLP wider than any artifact holds")
     return values
 
@@ -2120,9 +2119,10 @@ def check_artifact_tensors(state: dict[str, Tensor], h: Hyperparameters, source:
     for name in expected:
         if name not in state:
             raise DataError(f"{source}: tensor {name} is missing ({len(state)} stored, {len(expected)} in the model of the stored settings)")
-    for name, tensor in state.items():
+    for name in state:
         if name not in expected:
             raise DataError(f"{source}: unexpected tensor {name} (not in the model of the stored settings)")
+    for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
             raise DataError(f"{source}: tensor {name} has shape {list(tensor.shape)}, the model of the stored settings {list(expected[name])}")
 
