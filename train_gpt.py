@@ -1428,8 +1428,8 @@ def check_artifact_header(header, payload_bytes: int, source: str) -> list[dict]
         if not ok:
             raise DataError(f"{source}: {message}")
 
-    def is_int(value, low: int = 0) -> bool:
-        return type(value) is int and value >= low
+    def is_int(value) -> bool:  # a non-negative integer (JSON true is not one)
+        return type(value) is int and value >= 0
 
     need(isinstance(header, dict), f"the artifact header is a JSON {type(header).__name__}, not an object")
     fmt = header.get("format")
