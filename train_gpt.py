@@ -171,6 +171,7 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_batch_seqs", "train_log_every",
                      "gptq_calib_batches", "target_bytes"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)}: expected a positive number")
+        need(self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap}: expected a positive number")
 
     def value_embedding_layers(self) -> list[int]:
         try:
@@ -1376,6 +1377,21 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
     return hessians
 
 
+# What an artifact may make the loader allocate, checked before anything is decompressed or built.
+# A compressed artifact is at most SIZE_CAP_BYTES. Every weight is stored as at least one byte (int8,
+# even at the narrowest setting, 2 bits), and 2-bit weights compress best: zstd stores int2-rounded
+# Gaussian weights in 0.57 bits a value (14:1), so a 16 MB artifact decompresses to at most about
+# 225 MB (the int5 default: about 1.9:1, some 30 MB). Twice that, rounded up, is the bound.
+MAX_CONTAINER_BYTES = 32 * SIZE_CAP_BYTES   # 512,000,000 bytes
+MAX_HEADER_BYTES = 1 << 20                  # the default model's JSON header is about 17 kB
+MAX_ARTIFACT_TENSORS = 2048                 # the default model has 116, about 10 a block; bounds NUM_LAYERS too
+# Header format 1 stored every setting under "config" (older artifacts: the non-model ones are ignored);
+# format 2 stores only MODEL_SETTINGS.
+ARTIFACT_FORMAT = 2
+ARTIFACT_DTYPES = {"int": np.dtype(np.int8), "fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+SCALE_DTYPE = np.dtype("<f2")
+
+
 def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]], config: dict) -> bytes:
     """The uncompressed container: magic, 4-byte header length, a JSON header naming every tensor
     (encoding, shape, byte ranges), then raw little-endian arrays grouped by kind. No pickle."""
@@ -1408,37 +1424,118 @@ def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized
             if key in entry:
                 kind, start, length = entry[key]
                 entry[key] = [base[kind] + start, length]
-    header = json.dumps({"format": 1, "config": config, "tensors": entries}).encode()
+    header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}).encode()
     payload = b"".join(b"".join(chunks) for chunks in sections.values())
     return ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + payload
 
 
+def parse_artifact_header(raw: bytes, source: str) -> dict:
+    """The header as strict JSON: UTF-8, no NaN or Infinity, no key twice in an object."""
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    def unique_keys(pairs: list) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice in an object")
+            seen.add(key)
+        return dict(pairs)
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, object_pairs_hook=unique_keys)
+    except RecursionError:
+        raise DataError(f"{source}: the artifact header is nested too deeply to be one of this script's") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise DataError(f"{source}: the artifact header is not valid JSON ({e})") from None
+
+
+def check_artifact_header(header, payload_bytes: int, source: str) -> list[dict]:
+    """The header's tensor entries, after checking every field that unpacking reads: known format and
+    keys, each entry's name, encoding, bits, shape and byte ranges, which must lie within the payload,
+    hold exactly the entry's values and together use no more bytes than the payload has."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise DataError(f"{source}: {message}")
+
+    def is_int(value) -> bool:  # a non-negative integer (JSON true is not one)
+        return type(value) is int and value >= 0
+
+    need(isinstance(header, dict), f"the artifact header is a JSON {type(header).__name__}, not an object")
+    fmt = header.get("format")
+    need(type(fmt) is int and fmt in (1, ARTIFACT_FORMAT), f"unknown artifact format {fmt!r} (this script reads 1 and {ARTIFACT_FORMAT})")
+    need(set(header) == {"format", "config", "tensors"}, f"artifact header keys {sorted(header)}: expected config, format, tensors")
+    need(isinstance(header["config"], dict), "the artifact's config is not a JSON object")
+    tensors = header["tensors"]
+    need(isinstance(tensors, list), "the artifact's tensors are not a JSON list")
+    need(len(tensors) <= MAX_ARTIFACT_TENSORS, f"{len(tensors)} tensors, more than the {MAX_ARTIFACT_TENSORS} an artifact may hold")
+    names, used = set(), 0
+    for i, e in enumerate(tensors):
+        need(isinstance(e, dict), f"tensor entry {i} is not a JSON object")
+        name = e.get("name")
+        need(type(name) is str and name != "", f"tensor entry {i}: name {name!r} is not a non-empty string")
+        need(name not in names, f"tensor {name} appears twice")
+        names.add(name)
+        encoding = e.get("encoding")
+        need(type(encoding) is str and encoding in ARTIFACT_DTYPES, f"tensor {name}: unknown encoding {encoding!r} (expected one of {', '.join(ARTIFACT_DTYPES)})")
+        keys = {"name", "shape", "encoding", "data"} | ({"bits", "scale"} if encoding == "int" else set())
+        need(set(e) == keys, f"tensor {name}: keys {sorted(e)}: expected {', '.join(sorted(keys))}")
+        shape = e["shape"]
+        need(isinstance(shape, list) and len(shape) <= 8 and all(is_int(d) for d in shape),
+             f"tensor {name}: shape {shape!r} is not a list of at most 8 non-negative integers")
+        count = math.prod(shape)
+        need(count <= payload_bytes, f"tensor {name}: shape {shape} has {count} values, more than the payload's {payload_bytes} bytes")
+        spans = [("data", count * ARTIFACT_DTYPES[encoding].itemsize)]
+        if encoding == "int":
+            need(is_int(e["bits"]) and 2 <= e["bits"] <= 8, f"tensor {name}: bits {e['bits']!r}: expected an integer in 2..8")
+            need(len(shape) == 2, f"tensor {name}: an int tensor has 2 dimensions (rows, columns), not shape {shape}")
+            spans.append(("scale", shape[0] * SCALE_DTYPE.itemsize))  # one fp16 scale a row
+        for key, length in spans:
+            span = e[key]
+            need(isinstance(span, list) and len(span) == 2 and all(is_int(x) for x in span),
+                 f"tensor {name}: {key} byte range {span!r} is not [offset, length] of non-negative integers")
+            need(span[1] == length, f"tensor {name}: {key} byte range {span} holds {span[1]} bytes, but shape {shape} needs {length}")
+            need(span[0] + span[1] <= payload_bytes, f"tensor {name}: {key} byte range {span} does not fit the payload of "
+                                                     f"{payload_bytes} bytes (truncated or corrupt)")
+            used += length
+    need(used <= payload_bytes, f"the tensors' byte ranges add up to {used} bytes, more than the payload's {payload_bytes}: they overlap")
+    return tensors
+
+
 def unpack_artifact(container: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict]:
-    """Inverse of pack_artifact: fp32 tensors (dequantised) and the saved settings."""
+    """Inverse of pack_artifact: fp32 tensors (dequantised) and the saved model settings (of an older,
+    format-1 artifact, only MODEL_SETTINGS). The whole header is checked before any tensor is made."""
     if not container.startswith(ARTIFACT_MAGIC):
         raise DataError(f"{source}: not an artifact of this script (bad magic)")
     start = len(ARTIFACT_MAGIC) + 4
+    if len(container) < start:
+        raise DataError(f"{source}: the artifact ends inside its header length (truncated)")
     header_len = int.from_bytes(container[len(ARTIFACT_MAGIC):start], "little")
-    header = json.loads(container[start:start + header_len])
+    if header_len > min(MAX_HEADER_BYTES, len(container) - start):
+        raise DataError(f"{source}: header length {header_len} runs past the end of the artifact "
+                        f"({len(container) - start} bytes) or over {MAX_HEADER_BYTES} bytes (truncated or corrupt)")
+    header = parse_artifact_header(bytes(container[start:start + header_len]), source)
     payload = memoryview(container)[start + header_len:]
-    dtypes = {"int": np.int8, "scale": np.dtype("<f2"), "fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+    entries = check_artifact_header(header, len(payload), source)
 
     def read(span: list[int], dtype, count: int) -> np.ndarray:
-        offset, length = span
-        if offset < 0 or offset + length > len(payload) or length != count * np.dtype(dtype).itemsize:
-            raise DataError(f"{source}: tensor byte range {span} does not fit the payload (truncated or corrupt)")
-        return np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+        return np.frombuffer(payload, dtype=dtype, count=count, offset=span[0]) if count else np.zeros(0, dtype)
 
     state = {}
-    for e in header["tensors"]:
-        shape, count = e["shape"], math.prod(e["shape"])
-        if e["encoding"] == "int":
-            q = torch.from_numpy(read(e["data"], dtypes["int"], count).copy()).view(shape)
-            scale = torch.from_numpy(read(e["scale"], dtypes["scale"], shape[0]).copy())
-            state[e["name"]] = dequantize_rows(q, scale)
+    for e in entries:
+        shape, encoding = e["shape"], e["encoding"]
+        values = read(e["data"], ARTIFACT_DTYPES[encoding], math.prod(shape))
+        if encoding == "int":
+            qmax = 2 ** (e["bits"] - 1) - 1
+            if values.size and not -qmax <= int(values.min()) <= int(values.max()) <= qmax:
+                raise DataError(f"{source}: tensor {e['name']}: values outside -{qmax}..{qmax}, the range of {e['bits']} bits (corrupt)")
+            scale = torch.from_numpy(read(e["scale"], SCALE_DTYPE, shape[0]).copy())
+            state[e["name"]] = dequantize_rows(torch.from_numpy(values.copy()).view(shape), scale)
         else:
-            state[e["name"]] = torch.from_numpy(read(e["data"], dtypes[e["encoding"]], count).astype(np.float32)).view(shape)
-    return state, header["config"]
+            state[e["name"]] = torch.from_numpy(values.astype(np.float32)).view(shape)
+    config = header["config"]
+    if header["format"] == 1:  # every setting, local paths included: keep the model's
+        config = {name: value for name, value in config.items() if name in MODEL_SETTINGS}
+    return state, config
 
 
 def require_zstandard() -> None:
@@ -1503,17 +1600,31 @@ def export_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantiz
                     h: Hyperparameters, hessians: dict[str, Tensor], path: Path, budget: int) -> tuple[int, int]:
     """Pack, fit to the byte budget, compress and write (temporary name, then rename).
     Returns (artifact bytes, quantised values zeroed to fit)."""
-    blob, pruned = fit_to_budget(state, formats, quantized, asdict(h), hessians, budget)
+    config = {name: getattr(h, name) for name in MODEL_SETTINGS}  # no paths, nothing but the model's shape
+    blob, pruned = fit_to_budget(state, formats, quantized, config, hessians, budget)
     check_size_cap(len(blob) + len(SOURCE))  # an artifact over the cap never gets a name
     write_atomic(path, blob)
     return len(blob), pruned
 
 
 def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """Decompress and unpack, refusing before decompression a file or a zstd frame that does not
+    declare its size or declares more than MAX_CONTAINER_BYTES."""
     if not path.is_file():
         raise DataError(f"{path}: artifact not found")
+    if path.stat().st_size > MAX_CONTAINER_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, more than any artifact ({MAX_CONTAINER_BYTES})")
+    blob = path.read_bytes()
     try:
-        container = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+        declared = zstandard.frame_content_size(blob)
+    except zstandard.ZstdError as e:
+        raise DataError(f"{path}: not a zstd artifact ({e})") from None
+    if declared < 0:
+        raise DataError(f"{path}: the zstd frame does not declare its decompressed size (this script's artifacts do)")
+    if declared > MAX_CONTAINER_BYTES:
+        raise DataError(f"{path}: the zstd frame declares {declared} bytes, more than any artifact decompresses to ({MAX_CONTAINER_BYTES})")
+    try:
+        container = zstandard.ZstdDecompressor().decompress(blob, max_output_size=MAX_CONTAINER_BYTES, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise DataError(f"{path}: not a zstd artifact ({e})") from None
     return unpack_artifact(container, str(path))
@@ -1823,11 +1934,10 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 
 
-def log_sizes(log: RunLog, artifact_bytes: int) -> int:
+def log_sizes(log: RunLog, artifact_bytes: int) -> None:
     log(f"Serialized model int6+zstd: {artifact_bytes} bytes")
     log(f"Code size: {len(SOURCE)} bytes")
     log(f"Total submission size int6+zstd: {artifact_bytes + len(SOURCE)} bytes")
-    return artifact_bytes + len(SOURCE)
 
 
 def finite_score(evaluator: Evaluator, sliding: bool) -> tuple[float, float, float]:
@@ -1855,7 +1965,7 @@ def check_size_cap(total_bytes: int) -> None:
 
 def check_budget(h: Hyperparameters) -> None:
     """At start: TARGET_BYTES must hold the code and at least an empty artifact container."""
-    floor = len(SOURCE) + len(compress(pack_artifact({}, {}, {}, asdict(h))))
+    floor = len(SOURCE) + len(compress(pack_artifact({}, {}, {}, {name: getattr(h, name) for name in MODEL_SETTINGS})))
     if h.target_bytes < floor:
         raise ConfigError(f"TARGET_BYTES={h.target_bytes}: expected at least {floor} (the code, {len(SOURCE)} bytes, "
                           f"and an empty artifact) and at most {SIZE_CAP_BYTES}")
@@ -2051,29 +2161,88 @@ MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_
                   "bigram_dim", "ve_layers", "ve_dim", "residual_dtype")
 
 
+# Model settings that are sizes (a count of blocks, heads, rows or columns) or scales of the model: at least 1, resp. above 0.
+POSITIVE_MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
+                           "bigram_dim", "ve_dim")
+
+
+def stored_model_settings(config: dict, h: Hyperparameters, source: str) -> dict:
+    """The model settings an artifact was trained with, checked like the environment's: only MODEL_SETTINGS
+    names, each of its setting's type, within bounds, then Hyperparameters.validate() on the model settings
+    the re-scoring will use (the stored ones, this run's for any not stored). Every count of a model is a dimension of a stored tensor, so no larger than MAX_CONTAINER_BYTES
+    (and NUM_LAYERS, a block holding at least one tensor, no larger than MAX_ARTIFACT_TENSORS)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise DataError(f"{source}: stored model setting {message}")
+
+    kinds = {f.name: f.type for f in fields(Hyperparameters)}
+    values = {}
+    for name, value in config.items():
+        need(name in MODEL_SETTINGS, f"{name!r} is not one (expected some of {', '.join(MODEL_SETTINGS)})")
+        kind, shown = kinds[name], f"{name.upper()}={value!r}"
+        if kind == "bool":
+            need(type(value) is bool, f"{shown}: expected true or false")
+        elif kind == "str":
+            need(type(value) is str, f"{shown}: expected a string")
+        elif kind == "int":
+            need(type(value) is int and 0 <= value <= MAX_CONTAINER_BYTES, f"{shown}: expected an integer in 0..{MAX_CONTAINER_BYTES}")
+        else:
+            need(type(value) in (int, float) and abs(value) <= MAX_CONTAINER_BYTES, f"{shown}: expected a number of at most {MAX_CONTAINER_BYTES}")
+            value = float(value)
+        if name in POSITIVE_MODEL_SETTINGS:
+            need(value > 0, f"{shown}: expected a positive number")
+        values[name] = value
+    try:
+        settings = Hyperparameters(**({name: getattr(h, name) for name in MODEL_SETTINGS} | values))  # the rest: defaults
+        settings.validate()
+    except ConfigError as e:
+        raise DataError(f"{source}: stored model settings: {e}") from None
+    need(settings.num_layers <= MAX_ARTIFACT_TENSORS, f"NUM_LAYERS={settings.num_layers}: more blocks than an artifact may hold tensors ({MAX_ARTIFACT_TENSORS})")
+    need(settings.mlp_mult * settings.model_dim <= MAX_CONTAINER_BYTES, f"MLP_MULT={settings.mlp_mult}: an MLP wider than any artifact holds")
+    return values
+
+
+def check_artifact_tensors(state: dict[str, Tensor], h: Hyperparameters, source: str) -> None:
+    """The artifact holds exactly the tensors, of exactly the shapes, of the model these settings build
+    (built on the meta device: shapes only, nothing allocated)."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in build_model(h).state_dict().items()}
+    for name in expected:
+        if name not in state:
+            raise DataError(f"{source}: tensor {name} is missing ({len(state)} stored, {len(expected)} in the model of the stored settings)")
+    for name in state:
+        if name not in expected:
+            raise DataError(f"{source}: unexpected tensor {name} (not in the model of the stored settings)")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise DataError(f"{source}: tensor {name} has shape {list(tensor.shape)}, the model of the stored settings {list(expected[name])}")
+
+
 def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     """Score a saved artifact on the validation shards, without training."""
     path = Path(h.eval_artifact)
     state, config = load_artifact(path)
+    check_size_cap(path.stat().st_size + len(SOURCE))  # an artifact over the cap is refused, not scored
+    stored = stored_model_settings(config, h, str(path))
     for name in MODEL_SETTINGS:
-        config.setdefault(name, getattr(h, name))  # an artifact older than the setting: this run's value
-        if getattr(h, name) != config[name]:
+        value = stored.get(name, getattr(h, name))  # an artifact older than the setting: this run's value
+        if getattr(h, name) != value:
             if name in h.from_environment:
-                raise ConfigError(f"{name.upper()}={getattr(h, name)} but {path} was trained with {name.upper()}={config[name]}")
-            setattr(h, name, config[name])
+                raise ConfigError(f"{name.upper()}={getattr(h, name)} but {path} was trained with {name.upper()}={value}")
+            setattr(h, name, value)
     if h.mlp_kernel == "triton" and not relu2_mlp_fits(h):  # e.g. an artifact trained with MLP_ACT=leaky_relu2
         h.mlp_kernel = "torch"
-    log("rescore: model settings from the artifact: " + " ".join(f"{n.upper()}={config[n]}" for n in MODEL_SETTINGS)
+    log("rescore: model settings from the artifact: " + " ".join(f"{n.upper()}={getattr(h, n)}" for n in MODEL_SETTINGS)
         + f" (mlp_kernel:{h.mlp_kernel})")
+    check_artifact_tensors(state, h, str(path))
     tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
     val_tokens = load_validation_tokens(h)
     model = build_model(h).to(rt.device)
     model.load_state_dict(state)
-    total = log_sizes(log, path.stat().st_size)
+    log_sizes(log, path.stat().st_size)
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
     log(f"scoring graphs compiled in {evaluator.prime():.1f}s")
     log_final_scores(log, evaluator, h)
-    check_size_cap(total)
 
 
 class Stopped(BaseException):

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import gloo_ranks
+from conftest import TINY_SETTINGS, gloo_ranks
 
 # A model whose MLP matrices are exported as integers (more than SMALL_TENSOR_NUMEL elements each), so
 # that fitting a byte target has +-1 values to zero.
@@ -129,12 +129,50 @@ def test_an_export_failure_on_rank_0_stops_every_rank(tmp_path):
     assert results[1] == [("written", 7), "RunError: rank 0: the artifact cannot fit"]
 
 
-def test_an_impossible_target_fails_both_ranks_with_the_same_error(run):
-    """Rank 0 cannot fit the artifact: rank 1 must fail too, with rank 0's reason, not wait at a barrier."""
-    target = len(tg.SOURCE) + 2000  # above the empty container, far below the model
-    result = run(nproc=2, RUN_ID="nofit", GRAD_ACCUM_STEPS="1", TARGET_BYTES=str(target), timeout=240, **WIDE)
+def impossible_target_worker(rank, world_size, init_file, corpus, out_dir):
+    """train_and_export on two gloo ranks with a TARGET_BYTES that rank 0's export cannot meet."""
+    with gloo_ranks(rank, world_size, init_file, timeout_s=60):  # a rank left waiting fails in a minute
+        torch.set_num_threads(1)
+        data, tokenizer = corpus
+        env = TINY_SETTINGS | WIDE | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), GRAD_ACCUM_STEPS="1",
+                                          TARGET_BYTES=str(len(tg.SOURCE) + 2000), ATTN_BACKEND="sdpa")
+        h = tg.Hyperparameters.from_env(env)
+        rt = tg.Runtime(rank=rank, world_size=world_size, device=torch.device("cpu"),
+                        micro_batch_seqs=h.train_batch_tokens // (world_size * h.train_seq_len), compile=False)
+        log = tg.RunLog(out_dir / "run.txt", rt.master)
+        try:
+            tg.train_and_export(h, rt, log, out_dir / "run.model.zst")
+            error = None
+        except tg.RunError as e:
+            error = str(e)
+        log.close()
+        torch.save(error, out_dir / f"error.{rank}")
+
+
+def test_an_impossible_target_fails_every_rank_with_rank_0s_reason(tmp_path, tiny_corpus):
+    """Rank 0 cannot fit the artifact: rank 1 must raise too, with rank 0's reason, not wait at a barrier."""
+    mp.spawn(impossible_target_worker, args=(2, str(tmp_path / "init"), tiny_corpus, tmp_path), nprocs=2, join=True)
+    errors = [torch.load(tmp_path / f"error.{rank}") for rank in range(2)]
+    assert errors[0].startswith("the artifact cannot fit 2000 bytes even with all") and errors[1] == f"rank 0: {errors[0]}"
+    assert not (tmp_path / "run.model.zst").exists()
+
+
+def test_an_impossible_target_under_torchrun_is_one_error_line(run):
+    result = run(nproc=2, RUN_ID="nofit", GRAD_ACCUM_STEPS="1", TARGET_BYTES=str(len(tg.SOURCE) + 2000), timeout=240, **WIDE)
     assert result.returncode != 0
     assert re.search(r"^error: the artifact cannot fit \d+ bytes even with all \d+ quantised \+-1 values zeroed", result.stderr, re.M), result.stderr
-    # torchrun lists the first failure and any rank it had to stop: rank 1 ended on its own, with status 2
-    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 2 ", result.stderr), result.stderr
     assert (run.cwd / "logs/nofit.txt").read_text().rstrip().splitlines()[-1].startswith("error: the artifact cannot fit")
+
+
+def test_rescoring_an_artifact_over_the_cap_is_refused_before_scoring(run):
+    """A well-formed artifact whose bytes and the code's exceed 16,000,000: bad input, not a score."""
+    noise = torch.randn(4_500_000, generator=torch.Generator().manual_seed(0))  # 18 MB of fp32 that zstd barely shrinks
+    container = tg.pack_artifact({"noise": noise}, {"noise": ("fp32",)}, {}, {})
+    path = run.cwd / "big.model.zst"
+    path.write_bytes(tg.compress(container, level=1))
+    assert path.stat().st_size + len(tg.SOURCE) > tg.SIZE_CAP_BYTES
+    result = run(RUN_ID="big", EVAL_ARTIFACT=str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"error: total submission size \d+ bytes is over the 16,000,000-byte cap by \d+ bytes",
+                        result.stderr.strip().splitlines()[-1]), result.stderr
+    assert "final_int6" not in result.stdout
