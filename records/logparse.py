@@ -64,6 +64,8 @@ ERROR_LINE = re.compile(r"^error:\s*(?P<message>.*)$")
 VOCAB_LINE = re.compile(r"^vocab_size:\s*(?P<n>\d+)\s*$")
 TOKENIZER_LINE = re.compile(r"^(?:tokenizer_path:\s*|val_bpb:enabled\b.*?\btokenizer_path=)(?P<path>\S+)")
 DATASET_LINE = re.compile(r"^train_loader:dataset:\S*?_sp(?P<n>\d+)\b")
+# The pre-quantisation evaluation: ours, the later records' (with and without `diagnostic`).
+PREQUANT_NAMES = ("post_average_prequant", "diagnostic pre-quantization post-ema", "pre-quantization post-ema")
 # Lines of a test-time-training evaluation in progress (`ttt_chunk [1/1893] ...`, `ttp: ...`, `beginning TTT eval timer`).
 TTT_PROGRESS = re.compile(r"^(?:ttt|ttp)\w*[:\s\[]|^beginning ttt", re.I)
 # Evaluations that are not a submission score: the pre-quantisation model, the post-EMA diagnostics.
@@ -175,6 +177,10 @@ class RunLog:
         """The tokenizer model's file name (e.g. fineweb_1024_bpe.model): the folder it lies in does not matter."""
         path = self.settings.get("TOKENIZER_PATH") or self.public_tokenizer
         return os.path.basename(path.rstrip("/")) or None if path else None
+
+    def prequant(self) -> Eval | None:
+        """The evaluation of the trained weights before quantisation: ours, or the later records' diagnostic line."""
+        return next((self.evals[n] for n in PREQUANT_NAMES if n in self.evals), None)
 
     def eval(self, name: str) -> Eval | None:
         """One of our lines by its current name, also under an alias: `final_quant_sliding_window_exact`, ..."""
