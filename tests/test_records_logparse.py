@@ -175,3 +175,12 @@ def test_unreadable_file(tmp_path):
         parse_log(tmp_path / "missing.log")
     with pytest.raises(InputError, match=r"cannot read"):
         parse_log(tmp_path)
+
+
+def test_the_compressed_code_size_counts_in_either_order(tmp_path):
+    path = write_april_log(tmp_path / "a.log", code_bytes=31_999)
+    lines = path.read_text().splitlines()
+    i, j = lines.index("Code size (uncompressed): 157868 bytes"), lines.index("Code size (compressed): 31999 bytes")
+    lines[i], lines[j] = lines[j], lines[i]
+    path.write_text("\n".join(lines) + "\n")
+    assert parse_log(path).code_bytes == 31_999

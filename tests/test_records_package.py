@@ -217,16 +217,20 @@ def test_no_cuda_version_is_null_not_the_string_none(tmp_path):
 
 
 def test_a_failed_write_leaves_no_folder_and_no_temporary(tmp_path, monkeypatch, capsys):
+    args = package_args(tmp_path, three_logs(tmp_path))
     real = Path.write_bytes
+    folders = []
 
     def failing(self, data):
+        folders.append(self.parent.name)
         if self.name == "README.md":
             raise OSError(28, "No space left on device")
         return real(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", failing)
-    err = error_line(tmp_path, capsys, package_args(tmp_path, three_logs(tmp_path)))
+    err = error_line(tmp_path, capsys, args)
     assert "No space left on device" in err and not (tmp_path / "out" / "2026-03-25_Test_run").exists()
+    assert folders and all(f.startswith(".2026-03-25_Test_run.") and f.endswith(".tmp") for f in folders), folders
 
 
 def test_the_ttt_score_when_the_log_has_one(tmp_path):
