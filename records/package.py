@@ -6,7 +6,8 @@
 writes records/track_10min_16mb/<date>_<name>/ holding train_gpt.py, train_seed<SEED>.log per log,
 submission.json, README.md (a skeleton with the results table) and requirements.txt. Every figure
 is read from the logs. When a log breaks a rule, nothing is written: the command prints the problems
-on one line and exits with status 1.
+on one line and exits with status 1. A file that cannot be used at all (unreadable, a failed run with an
+`error:` line, a score that is not a finite number) or a bad option is one `error: ...` line, status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -23,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from logparse import (MAX_EVAL_TIME_MS, MAX_TOTAL_BYTES, MAX_TRAIN_TIME_MS, SCORE_LINE, RecordsError,
-                      RunLog, fmt, parse_logs)
+from logparse import (MAX_EVAL_TIME_MS, MAX_TOTAL_BYTES, MAX_TRAIN_TIME_MS, SCORE_LINE, TTT_SCORE_LINE, ArgumentParser,
+                      InputError, RecordsError, RunLog, fail, fmt, parse_logs)
 
 REPO = Path(__file__).resolve().parent.parent
 TRACKS = {"10min_16mb": "track_10min_16mb", "non_record_16mb": "track_non_record_16mb"}
@@ -34,6 +36,7 @@ RECORD_GPUS = 8
 PREQUANT_LINE = "post_average_prequant"
 SCORE_EVAL_LINE = "final_int6_sliding_window"  # the non-exact score line carries eval_time
 FINAL_EVALS = (PREQUANT_LINE, "final_int6_roundtrip_exact", SCORE_EVAL_LINE, SCORE_LINE)
+TTT_EVAL_LINE = "final_ttt"  # with test-time training, the score is final_ttt_exact, after the sliding window
 # Settings that may differ between the seeds of one submission.
 PER_RUN_SETTINGS = {"SEED", "RUN_ID", "DATA_PATH", "TOKENIZER_PATH"}
 
@@ -43,7 +46,9 @@ PER_RUN_SETTINGS = {"SEED", "RUN_ID", "DATA_PATH", "TOKENIZER_PATH"}
 # ---------------------------------------------------------------------------------------------
 
 def missing_lines(run: RunLog) -> list[str]:
-    missing = [name for name in FINAL_EVALS if name not in run.evals]
+    missing = [name for name in FINAL_EVALS if run.eval(name) is None]
+    if TTT_EVAL_LINE in run.evals or TTT_SCORE_LINE in run.evals:
+        missing += [name for name in (TTT_EVAL_LINE, TTT_SCORE_LINE) if name not in run.evals]
     if not run.val or run.val[-1].step != run.last_step:
         missing.insert(0, "the validation `step:` line after the last step")
     for what, value in (("Serialized model", run.model_bytes), ("Code size", run.code_bytes),
@@ -59,6 +64,24 @@ def first_difference(a: bytes, b: bytes) -> int:
         if x != y:
             return number
     return min(len(a.splitlines()), len(b.splitlines())) + 1
+
+
+def score_eval_line(run: RunLog):
+    """The non-exact line of the score, which carries its eval_time: final_ttt, or final_int6_sliding_window."""
+    return run.evals.get(TTT_EVAL_LINE) if TTT_SCORE_LINE in run.evals else run.eval(SCORE_EVAL_LINE)
+
+
+def check_usable(runs: list[RunLog]) -> None:
+    """InputError for a log that cannot make a submission at all: a failed run, a figure that is not finite."""
+    for run in runs:
+        if run.errors:
+            raise InputError(f"{run.path}: the run failed (error: {run.errors[-1][:200]}); expected the log of a complete run")
+        for e in run.evals.values():
+            if not e.finite:
+                raise InputError(f"{run.path}: {e.name} val_loss:{e.val_loss} val_bpb:{e.val_bpb}; expected finite numbers")
+        for what, value in (("train_time", run.training_ms), ("step_avg", run.last_step_avg_ms)):
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"{run.path}: {what} is {value}; expected a finite number of milliseconds")
 
 
 def check_runs(runs: list[RunLog], script: bytes, track: str) -> None:
@@ -109,7 +132,7 @@ def rule_problems(run: RunLog, track: str) -> list[str]:
         return problems
     if run.training_ms is None or run.training_ms > MAX_TRAIN_TIME_MS:
         problems.append(f"{who}: training took {fmt(run.training_ms, '.0f')}ms, over {MAX_TRAIN_TIME_MS}ms")
-    score_eval = run.evals.get(SCORE_EVAL_LINE)
+    score_eval = score_eval_line(run)
     if score_eval and score_eval.eval_time_ms is not None and score_eval.eval_time_ms > MAX_EVAL_TIME_MS:
         problems.append(f"{who}: the scoring evaluation took {score_eval.eval_time_ms:.0f}ms, over {MAX_EVAL_TIME_MS}ms")
     if run.world_size != RECORD_GPUS or len(run.gpus) != RECORD_GPUS or not all("H100" in g for g in run.gpus):
@@ -133,7 +156,7 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def seed_result(run: RunLog) -> dict:
-    score, pre = run.evals[SCORE_LINE], run.evals[PREQUANT_LINE]
+    score, pre = run.score(), run.evals[PREQUANT_LINE]
     return {
         "val_loss": score.val_loss,
         "val_bpb": score.val_bpb,
@@ -144,7 +167,7 @@ def seed_result(run: RunLog) -> dict:
         "steps": run.last_step,
         "step_avg_ms": run.last_step_avg_ms,
         "train_time_ms": run.training_ms,
-        "eval_time_ms": run.evals[SCORE_EVAL_LINE].eval_time_ms,
+        "eval_time_ms": score_eval_line(run).eval_time_ms,
         "log": log_name(run),
     }
 
@@ -163,12 +186,28 @@ def submission_json(runs: list[RunLog], *, author: str, github_id: str, name: st
         "seed_results": results,
         "bytes_total": max(r.total_bytes for r in runs),
         "bytes_code": runs[0].code_bytes,
-        "score_line": SCORE_LINE,
+        "score_line": runs[0].score().name,
+        "vocab_size": runs[0].vocab_size,
+        "tokenizer": runs[0].tokenizer,
         "hardware": runs[0].hardware(),
-        "pytorch_version": runs[0].versions.get("torch"),
-        "cuda_version": runs[0].versions.get("cuda"),
+        "pytorch_version": known(runs[0].versions.get("torch")),
+        "cuda_version": known(runs[0].versions.get("cuda")),  # a CPU build of torch logs cuda:None: null here
         "train_gpt_sha256": runs[0].source_sha256,
     }
+
+
+def known(value: str | None) -> str | None:
+    """A version as logged; None (JSON null) where the log has none or says `None`."""
+    return None if value is None or value.strip() in ("", "None", "none", "null") else value
+
+
+def submission_bytes(sub: dict) -> bytes:
+    """Strict JSON: a NaN or infinity (which json.dumps writes as bare NaN by default) is refused."""
+    try:
+        return (json.dumps(sub, indent=2, allow_nan=False) + "\n").encode()
+    except ValueError:
+        bad = [k for k, v in sub.items() if isinstance(v, float) and not math.isfinite(v)]
+        raise InputError(f"submission.json: {', '.join(bad) or 'a figure'} is not a finite number; expected finite figures") from None
 
 
 def readme_text(sub: dict, runs: list[RunLog], track: str) -> str:
@@ -179,6 +218,8 @@ def readme_text(sub: dict, runs: list[RunLog], track: str) -> str:
     command = " \\\n".join([f"{k}={shlex.quote(v)}" for k, v in sorted(settings.items())] +
                            ["SEED=<seed> torchrun --standalone --nproc_per_node=8 train_gpt.py"])
     seeds = " ".join(str(s) for s in sub["seeds"])
+    score_kind = ("int6 round trip, test-time training after the sliding-window evaluation" if sub["score_line"] == TTT_SCORE_LINE
+                  else "int6 round trip, sliding-window evaluation")
     time_rule = ("- [x] training at most 600 s and the scoring evaluation at most 600 s for every seed (checked by `records/package.py`)"
                  if track == RECORD_TRACK else "- [ ] non-record track: the 600 s limits are not checked; say here how long training took")
     return f"""# {sub['name']}
@@ -191,7 +232,7 @@ val_loss {sub['val_loss']:.4f} nats; largest total submission size {sub['bytes_t
 
 ## Results
 
-Score: `{sub['score_line']}` (int6 round trip, sliding-window evaluation). Every figure is copied
+Score: `{sub['score_line']}` ({score_kind}). Every figure is copied
 from the logs by `records/package.py`.
 
 | seed | steps | step_avg (ms) | train time (s) | pre-quant val_bpb | val_loss | val_bpb | artifact bytes | total bytes |
@@ -259,27 +300,28 @@ def read_file(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise RecordsError(f"cannot read the {what} {path} ({e.strerror})") from None
+        raise InputError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
 
 def package(args) -> Path:
     runs = parse_logs(args.logs)
     script = read_file(args.script, "script")
+    check_usable(runs)
     check_runs(runs, script, args.track)
     sub = submission_json(runs, author=args.author, github_id=args.github_id, name=args.name,
                           blurb=args.blurb, date=args.date, track=args.track)
     target = args.out or REPO / "records" / TRACKS[args.track] / folder_name(args.date, args.name)
     files = {"train_gpt.py": script,
-             "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
+             "submission.json": submission_bytes(sub),
              "README.md": readme_text(sub, runs, args.track).encode(),
              "requirements.txt": read_file(args.requirements, "requirements file")}
-    files.update({log_name(r): r.path.read_bytes() for r in runs})
+    files.update({log_name(r): read_file(r.path, "log") for r in runs})
     write_folder(Path(target), files)
     return Path(target)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", type=Path, help="logs/<RUN_ID>.txt of each seed, written by train_gpt.py")
     parser.add_argument("--name", required=True, help="the submission's name; also names the folder")
     parser.add_argument("--author", required=True)
@@ -294,13 +336,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="the folder to create (default: records/<track>/<date>_<name>)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
-        parser.error(f"--date {args.date!r}: expected YYYY-MM-DD")
+        parser.error(f"--date: expected YYYY-MM-DD, got {args.date!r}")
     if folder_name(args.date, args.name) == f"{args.date}_":
-        parser.error(f"--name {args.name!r}: needs at least one letter or digit to name the folder")
+        parser.error(f"--name: expected at least one letter or digit to name the folder, got {args.name!r}")
     try:
         target = package(args)
+    except InputError as e:
+        fail(str(e))
     except RecordsError as e:
         sys.exit(f"package.py: refused: {e}")
+    except (OSError, ValueError, TypeError, KeyError, IndexError, ArithmeticError) as e:
+        fail(f"unexpected {type(e).__name__}: {e}")
     print(f"wrote {target}")
 
 

@@ -149,3 +149,113 @@ def test_single_seed_has_no_std(tmp_path):
     package.main(package_args(tmp_path, [log]))
     sub = json.loads((tmp_path / "out" / "2026-03-25_Test_run" / "submission.json").read_text())
     assert sub["seeds"] == [7] and sub["val_loss"] == 1.9031 and sub["val_loss_std"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Unusable input (status 2), strict JSON, the test-time-training score
+# ---------------------------------------------------------------------------------------------
+
+def error_line(tmp_path, capsys, args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        package.main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    out = tmp_path / "out"
+    assert not out.exists() or list(out.iterdir()) == [], "nothing may be written"
+    return err
+
+
+def replace_in(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("final_int6_sliding_window_exact val_loss:1.90412345", "final_int6_sliding_window_exact val_loss:nan",
+     "run_s42.txt: final_int6_sliding_window_exact val_loss:nan val_bpb:1.12770123; expected finite numbers"),
+    ("post_average_prequant val_loss:1.9300 val_bpb:1.1431", "post_average_prequant val_loss:1.9300 val_bpb:inf",
+     "run_s42.txt: post_average_prequant val_loss:1.93 val_bpb:inf; expected finite numbers"),
+])
+def test_refuses_non_finite_scores_in_one_line(tmp_path, capsys, old, new, expected):
+    logs = three_logs(tmp_path)
+    replace_in(logs[1], old, new)
+    assert expected in error_line(tmp_path, capsys, package_args(tmp_path, logs))
+
+
+def test_refuses_a_failed_run(tmp_path, capsys):
+    logs = three_logs(tmp_path, s2025={"append": ["error: the artifact does not round-trip"]})
+    err = error_line(tmp_path, capsys, package_args(tmp_path, logs))
+    assert err == f"error: {logs[2]}: the run failed (error: the artifact does not round-trip); expected the log of a complete run\n"
+
+
+def test_unreadable_files_and_bad_options_are_one_error_line(tmp_path, capsys):
+    logs = three_logs(tmp_path)
+    assert f"{tmp_path / 'nope.txt'}: cannot read" in error_line(tmp_path, capsys, package_args(tmp_path, [*logs[:2], tmp_path / "nope.txt"]))
+    args = package_args(tmp_path, logs)
+    args[args.index("--script") + 1] = str(tmp_path / "missing.py")
+    assert f"{tmp_path / 'missing.py'}: cannot read the script" in error_line(tmp_path, capsys, args)
+    args = package_args(tmp_path, logs)
+    args[args.index("--date") + 1] = "25.03.2026"
+    assert error_line(tmp_path, capsys, args) == "error: --date: expected YYYY-MM-DD, got '25.03.2026'\n"
+    assert error_line(tmp_path, capsys, package_args(tmp_path, logs, "--track", "other")).startswith("error: --track: invalid choice")
+
+
+def test_submission_json_is_strict_json(tmp_path, capsys, monkeypatch):
+    real = package.submission_json
+    monkeypatch.setattr(package, "submission_json", lambda *a, **k: {**real(*a, **k), "val_loss_std": float("nan")})
+    assert "val_loss_std is not a finite number" in error_line(tmp_path, capsys, package_args(tmp_path, three_logs(tmp_path)))
+
+
+def test_no_cuda_version_is_null_not_the_string_none(tmp_path):
+    logs = three_logs(tmp_path, **{f"s{seed}": {"versions": "versions python:3.12.3 torch:2.11.0+cpu cuda:None"} for seed in SCORES})
+    package.main(package_args(tmp_path, logs))
+    text = (tmp_path / "out" / "2026-03-25_Test_run" / "submission.json").read_text()
+    sub = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert sub["cuda_version"] is None and sub["pytorch_version"] == "2.11.0+cpu" and '"None"' not in text
+    assert (sub["vocab_size"], sub["tokenizer"]) == (1024, "fineweb_1024_bpe.model")
+
+
+def test_a_failed_write_leaves_no_folder_and_no_temporary(tmp_path, monkeypatch, capsys):
+    args = package_args(tmp_path, three_logs(tmp_path))
+    real = Path.write_bytes
+    folders = []
+
+    def failing(self, data):
+        folders.append(self.parent.name)
+        if self.name == "README.md":
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", failing)
+    err = error_line(tmp_path, capsys, args)
+    assert "No space left on device" in err and not (tmp_path / "out" / "2026-03-25_Test_run").exists()
+    assert folders and all(f.startswith(".2026-03-25_Test_run.") and f.endswith(".tmp") for f in folders), folders
+
+
+def test_the_ttt_score_when_the_log_has_one(tmp_path):
+    ttt = {1337: (1.88010000, 1.11350000), 42: (1.88110000, 1.11410000), 2025: (1.87990000, 1.11330000)}
+    logs = three_logs(tmp_path, **{f"s{seed}": {"ttt": ttt[seed], "ttt_eval_time_ms": 455_000} for seed in SCORES})
+    package.main(package_args(tmp_path, logs))
+    folder = tmp_path / "out" / "2026-03-25_Test_run"
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["score_line"] == "final_ttt_exact"
+    assert sub["val_loss"] == pytest.approx(statistics.mean(v[0] for v in ttt.values()), abs=1e-8)
+    assert all(sub["seed_results"][str(s)]["val_loss"] == ttt[s][0] and sub["seed_results"][str(s)]["eval_time_ms"] == 455_000 for s in SCORES)
+    assert "test-time training" in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"ttt": (1.88, 1.11), "ttt_eval_time_ms": 600_001}, "the scoring evaluation took 600001ms"),
+    ({"ttt": (1.88, 1.11), "drop": ("final_ttt_exact",)}, "lacks the final lines: final_ttt_exact"),
+])
+def test_ttt_refusals(tmp_path, changes, expected):
+    assert expected in refusal(tmp_path, three_logs(tmp_path, s42=changes))
+
+
+def test_final_quant_names_are_packaged(tmp_path):
+    logs = three_logs(tmp_path, **{f"s{seed}": {"rename": {"final_int6_": "final_quant_"}} for seed in SCORES})
+    package.main(package_args(tmp_path, logs))
+    sub = json.loads((tmp_path / "out" / "2026-03-25_Test_run" / "submission.json").read_text())
+    assert sub["score_line"] == "final_quant_sliding_window_exact" and sub["seed_results"]["42"]["val_loss"] == SCORES[42][0]
+    assert sub["seed_results"]["42"]["eval_time_ms"] == 70_000
