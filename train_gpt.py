@@ -143,6 +143,15 @@ class Hyperparameters:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            need(f.type != "float" or math.isfinite(value), f"{f.name.upper()}={value}: expected a finite number")
+        for names, ok, expected in SETTING_RANGES:
+            for name in names:
+                value = getattr(self, name)
+                need(ok(value), f"{name.upper()}={value}: expected {expected}")
+        need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult}: expected MLP_MULT * MODEL_DIM >= 1 (the MLP hidden width)")
+        need(1 <= self.target_bytes <= SIZE_CAP_BYTES, f"TARGET_BYTES={self.target_bytes}: expected 1..{SIZE_CAP_BYTES} (the size cap)")
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
@@ -173,6 +182,23 @@ class Hyperparameters:
             return [int(s) for s in self.ve_layers.split(",") if s.strip()]
         except ValueError:
             raise ConfigError(f"VE_LAYERS={self.ve_layers!r}: expected comma-separated layer numbers, e.g. 9,10") from None
+
+
+# The range of every number (validate() checks these first, then the relations between settings;
+# every float must also be finite). Each refusal reads `NAME=value: expected <text>`.
+SETTING_RANGES = (
+    (("vocab_size", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps"),
+     lambda v: v >= 1, "a positive number"),
+    (("mlp_mult", "logit_softcap", "rope_base", "adam_eps", "gptq_damp"), lambda v: v > 0, "a number > 0"),
+    (("seed",), lambda v: 0 <= v < 2**63, "0 <= seed < 2**63"),
+    (("grad_accum_steps",), lambda v: v >= 0, "a number >= 0 (0 = 8 // world size)"),
+    (("warmup_steps", "warmdown_iters", "muon_momentum_warmup_steps", "val_loss_every"), lambda v: v >= 0, "a number >= 0"),
+    (("max_wallclock_seconds",), lambda v: v >= 0, "a number >= 0 (0 = no cap)"),
+    (("grad_clip_norm", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "tied_embed_init_std"),
+     lambda v: v >= 0, "a number >= 0"),
+    (("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"), lambda v: 0 <= v < 1, "0 <= value < 1"),
+    (("swa_threshold", "late_qat_threshold"), lambda v: 0 <= v <= 1, "0 <= value <= 1 (an LR scale)"),
+)
 
 
 class RunError(Exception):
@@ -256,7 +282,11 @@ def parse_setting(name: str, raw: str, kind: str):
                 return False
             raise ValueError
         if kind == "int":
-            number = float(text)  # accepts 786_432 and 1e3; rejects 2.5
+            try:
+                return int(text)  # exact, also for seeds beyond 2**53; accepts 786_432
+            except ValueError:
+                pass
+            number = float(text)  # accepts 1e3; rejects 2.5
             if not number.is_integer():
                 raise ValueError
             return int(number)

@@ -1,4 +1,7 @@
 """Settings: environment parsing, typo detection, the record scripts' spellings."""
+import dataclasses
+import re
+
 import pytest
 
 import train_gpt as tg
@@ -74,3 +77,94 @@ def test_without_settings_keeps_only_what_the_script_ignores():
     environ = env("PATH=/bin MAX_JOBS=4 XSA_LAST_N=3 XSA_LAST=4 TTT_ENABLED=1 EMA_ENABLED=1 TIE_EMBEDDINGS=1 MUON_FOO=2")
     assert tg.without_settings(environ) == {"PATH": "/bin", "MAX_JOBS": "4"}
     assert tg.Hyperparameters.from_env(tg.without_settings(environ)) == tg.Hyperparameters()
+
+
+# ---- ranges: every number has one, every float is finite
+
+@pytest.mark.parametrize("line, message", [
+    ("NUM_HEADS=0", "NUM_HEADS=0: expected a positive number"),
+    ("NUM_KV_HEADS=0", "NUM_KV_HEADS=0: expected a positive number"),
+    ("MODEL_DIM=0", "MODEL_DIM=0: expected a positive number"),
+    ("MODEL_DIM=-8", "MODEL_DIM=-8: expected a positive number"),
+    ("VOCAB_SIZE=0", "VOCAB_SIZE=0: expected a positive number"),
+    ("BIGRAM_DIM=0", "BIGRAM_DIM=0: expected a positive number"),
+    ("VE_DIM=0", "VE_DIM=0: expected a positive number"),
+    ("MUON_BACKEND_STEPS=0", "MUON_BACKEND_STEPS=0: expected a positive number"),
+    ("MLP_MULT=0", "MLP_MULT=0.0: expected a number > 0"),
+    ("MLP_MULT=-1", "MLP_MULT=-1.0: expected a number > 0"),
+    ("MLP_MULT=0.001", "MLP_MULT=0.001: expected MLP_MULT * MODEL_DIM >= 1"),
+    ("LOGIT_SOFTCAP=0", "LOGIT_SOFTCAP=0.0: expected a number > 0"),
+    ("ROPE_BASE=0", "ROPE_BASE=0.0: expected a number > 0"),
+    ("ADAM_EPS=0", "ADAM_EPS=0.0: expected a number > 0"),
+    ("GPTQ_DAMP=-1", "GPTQ_DAMP=-1.0: expected a number > 0"),
+    ("GPTQ_DAMP=0", "GPTQ_DAMP=0.0: expected a number > 0"),
+    ("SEED=-1", "SEED=-1: expected 0 <= seed < 2**63"),
+    ("SEED=1e30", "SEED=1000000000000000019884624838656: expected 0 <= seed < 2**63"),
+    ("SEED=9223372036854775808", "SEED=9223372036854775808: expected 0 <= seed < 2**63"),
+    ("GRAD_ACCUM_STEPS=-1", "GRAD_ACCUM_STEPS=-1: expected a number >= 0 (0 = 8 // world size)"),
+    ("WARMUP_STEPS=-1", "WARMUP_STEPS=-1: expected a number >= 0"),
+    ("WARMDOWN_ITERS=-3", "WARMDOWN_ITERS=-3: expected a number >= 0"),
+    ("MUON_MOMENTUM_WARMUP_STEPS=-1", "MUON_MOMENTUM_WARMUP_STEPS=-1: expected a number >= 0"),
+    ("VAL_LOSS_EVERY=-1", "VAL_LOSS_EVERY=-1: expected a number >= 0"),
+    ("MAX_WALLCLOCK_SECONDS=-1", "MAX_WALLCLOCK_SECONDS=-1.0: expected a number >= 0 (0 = no cap)"),
+    ("GRAD_CLIP_NORM=-0.1", "GRAD_CLIP_NORM=-0.1: expected a number >= 0"),
+    ("MATRIX_LR=-1", "MATRIX_LR=-1.0: expected a number >= 0"),
+    ("SCALAR_LR=-1", "SCALAR_LR=-1.0: expected a number >= 0"),
+    ("TIED_EMBED_LR=-1", "TIED_EMBED_LR=-1.0: expected a number >= 0"),
+    ("MUON_WD=-0.1", "MUON_WD=-0.1: expected a number >= 0"),
+    ("ADAM_WD=-0.1", "ADAM_WD=-0.1: expected a number >= 0"),
+    ("TIED_EMBED_INIT_STD=-1", "TIED_EMBED_INIT_STD=-1.0: expected a number >= 0"),
+    ("MUON_MOMENTUM=1", "MUON_MOMENTUM=1.0: expected 0 <= value < 1"),
+    ("MUON_MOMENTUM_WARMUP_START=-0.1", "MUON_MOMENTUM_WARMUP_START=-0.1: expected 0 <= value < 1"),
+    ("BETA1=1", "BETA1=1.0: expected 0 <= value < 1"),
+    ("BETA2=-0.5", "BETA2=-0.5: expected 0 <= value < 1"),
+    ("SWA_THRESHOLD=1.5", "SWA_THRESHOLD=1.5: expected 0 <= value <= 1"),
+    ("LATE_QAT_THRESHOLD=-0.1", "LATE_QAT_THRESHOLD=-0.1: expected 0 <= value <= 1"),
+    ("TARGET_BYTES=0", "TARGET_BYTES=0: expected 1..16000000"),
+    ("TARGET_BYTES=16000001", "TARGET_BYTES=16000001: expected 1..16000000"),
+    ("MATRIX_LR=nan", "MATRIX_LR=nan: expected a finite number"),
+    ("ROPE_BASE=inf", "ROPE_BASE=inf: expected a finite number"),
+    ("MAX_WALLCLOCK_SECONDS=inf", "MAX_WALLCLOCK_SECONDS=inf: expected a finite number"),
+    ("EMA_DECAY=nan", "EMA_DECAY=nan: expected a finite number"),
+    ("QK_GAIN_INIT=-inf", "QK_GAIN_INIT=-inf: expected a finite number"),
+    ("ITERATIONS=inf", "ITERATIONS='inf': expected an integer"),
+])
+def test_numbers_out_of_range_stop_with_one_line(line, message):
+    with pytest.raises(tg.ConfigError, match="^" + re.escape(message)):
+        tg.Hyperparameters.from_env(env(line))
+
+
+def test_every_float_setting_must_be_finite():
+    for f in dataclasses.fields(tg.Hyperparameters):
+        if f.type == "float":
+            for value in ("nan", "inf", "-inf"):
+                with pytest.raises(tg.ConfigError, match=f"^{f.name.upper()}={value}: expected a finite number"):
+                    tg.Hyperparameters.from_env({f.name.upper(): value})
+
+
+def test_boundary_values_are_accepted():
+    h = tg.Hyperparameters.from_env(env("SEED=0 MAX_WALLCLOCK_SECONDS=0 WARMDOWN_ITERS=0 WARMUP_STEPS=0 GRAD_CLIP_NORM=0 "
+                                        "MATRIX_LR=0 MUON_WD=0 MUON_MOMENTUM=0 BETA1=0 SWA_THRESHOLD=1 LATE_QAT_THRESHOLD=1 "
+                                        "TARGET_BYTES=16000000 MUON_BACKEND_STEPS=1 VAL_LOSS_EVERY=0 TIED_EMBED_INIT_STD=0"))
+    assert (h.seed, h.max_wallclock_seconds, h.target_bytes, h.late_qat_threshold) == (0, 0, 16_000_000, 1)
+    assert tg.Hyperparameters.from_env({"SEED": str(2**63 - 1)}).seed == 2**63 - 1  # exact, not through a float
+
+
+# ---- through the script: one `error:` line, exit status 2, nothing started
+
+def assert_one_line_error(result, text):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("settings, text", [
+    ({"NUM_HEADS": "0"}, "error: NUM_HEADS=0: expected a positive number"),
+    ({"SEED": "1e30"}, "expected 0 <= seed < 2**63"),
+    ({"MAX_WALLCLOCK_SECONDS": "-1"}, "error: MAX_WALLCLOCK_SECONDS=-1.0: expected a number >= 0 (0 = no cap)"),
+])
+def test_the_script_refuses_bad_settings_in_one_line(run, settings, text):
+    result = run(RUN_ID="bad", **settings)
+    assert_one_line_error(result, text)
+    assert not (run.cwd / "logs").exists()
