@@ -230,8 +230,48 @@ RETIRED_PREFIXES = {
     "TTT_": "test-time training is not implemented in this script",
     "MTP_": "multi-token prediction heads are not implemented in this script",
 }
-# First words of settings that are also common in unrelated environment variables (MAX_JOBS, ...).
-GENERIC_PREFIXES = {"MAX", "DATA", "RUN", "MODEL", "NUM", "SEED", "COMPILE", "ITERATIONS", "WEIGHT", "GRAD"}
+# Other training scripts' names for what is spelled differently here (where the word rule below would
+# not name the right setting); they stop the run with the setting to use.
+ALIASES = {
+    "LR": "use MATRIX_LR (Muon, block matrices), SCALAR_LR or TIED_EMBED_LR (AdamW)",
+    "LEARNING_RATE": "use MATRIX_LR (Muon, block matrices), SCALAR_LR or TIED_EMBED_LR (AdamW)",
+    "MUON_LR": "use MATRIX_LR (Muon, block matrices)",
+    "ADAM_LR": "use SCALAR_LR or TIED_EMBED_LR (AdamW)",
+    "WD": "use MUON_WD (Muon) and ADAM_WD (AdamW)",
+    "WEIGHT_DECAY": "use MUON_WD (Muon) and ADAM_WD (AdamW)",
+    "EPOCHS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "NUM_EPOCHS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "MAX_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "MAX_ITERS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "NUM_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "TRAIN_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "WARMUP_ITERS": "use WARMUP_STEPS (compile priming) or MUON_MOMENTUM_WARMUP_STEPS; the LR has no warm-up",
+    "BATCH_SIZE": "use TRAIN_BATCH_TOKENS (global tokens per step) or EVAL_BATCH_SEQS",
+    "MICRO_BATCH_SIZE": "use GRAD_ACCUM_STEPS (micro-steps per rank; TRAIN_BATCH_TOKENS is split over them)",
+    "SEQ_LEN": "use TRAIN_SEQ_LEN (training) or EVAL_SEQ_LEN (evaluation windows)",
+    "BLOCK_SIZE": "use TRAIN_SEQ_LEN (training) or EVAL_SEQ_LEN (evaluation windows)",
+    "DATA_DIR": "use DATA_PATH (the folder of the fineweb_{train,val}_*.bin shards)",
+    "DATASET": "use DATA_PATH (the folder of the fineweb_{train,val}_*.bin shards)",
+    "RUN_NAME": "use RUN_ID (names logs/<RUN_ID>.txt)",
+    "EMA": "use WEIGHT_AVG=ema (the default) and EMA_DECAY",
+    "SWA": "use WEIGHT_AVG=swa, SWA_EVERY and SWA_THRESHOLD",
+    "QAT": "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)",
+}
+# Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
+# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
+COMMON_WORDS = frozenset({
+    "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
+    "MAX", "METHOD", "MODEL", "N", "NUM", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD", "STEPS",
+    "TARGET"})
+# First words of other programs' variables: never read, never refused (also any first word PYTHON...).
+FOREIGN_PREFIXES = frozenset({
+    "APPTAINER", "AWS", "AZ", "AZURE", "AZUREML", "BUILDKITE", "BUILDKIT", "CARGO", "CI", "CLOUDSDK", "COMPOSE",
+    "CONDA", "CUBLAS", "CUDA", "CUDNN", "DOCKER", "FI", "GCE", "GIT", "GITHUB", "GITLAB", "GOOGLE", "HF",
+    "HUGGINGFACE", "HYDRA", "I", "JAX", "JPY", "JUPYTER", "KMP", "KUBERNETES", "LC", "LD", "LSB", "MAMBA", "MKL",
+    "MLFLOW", "MPI", "MV2", "NCCL", "NV", "NVIDIA", "NVSHMEM", "NVTE", "OMP", "OMPI", "OPENBLAS", "PBS", "PIP",
+    "PMI", "PMIX", "PYENV", "PYTORCH", "RUNNER", "SAGEMAKER", "SGE", "SINGULARITY", "SLURM", "SM", "SSH", "TF",
+    "TOKENIZERS", "TORCH", "TORCHDYNAMO", "TORCHELASTIC", "TORCHINDUCTOR", "TRANSFORMERS", "TRITON", "UCX",
+    "VSCODE", "WANDB", "XDG", "XLA"})
 
 
 def setting_names(legacy: bool = False) -> set[str]:
@@ -240,23 +280,59 @@ def setting_names(legacy: bool = False) -> set[str]:
     return names | set(LEGACY_SETTINGS) if legacy else names
 
 
+def name_words(name: str) -> set[str]:
+    return {w for w in name.split("_") if w}
+
+
+def distinctive_words() -> set[str]:
+    """The words of the settings' names that mark a variable as meant for this script (LR, QAT, WALLCLOCK, ...)."""
+    return {w for n in setting_names(legacy=True) for w in name_words(n)} - COMMON_WORDS
+
+
+def nearest_setting(name: str) -> str:
+    """The setting sharing the most words with `name`, then the larger share of its own words, then the
+    closest spelling: QAT_THRESHOLD -> LATE_QAT_THRESHOLD, NUM_KV -> NUM_KV_HEADS, MATRX_LR -> MATRIX_LR."""
+    mine = name_words(name)
+
+    def score(setting: str):
+        shared = len(mine & name_words(setting))
+        return shared, shared / len(name_words(setting)), difflib.SequenceMatcher(None, name, setting).ratio()
+    return max(sorted(setting_names()), key=score)
+
+
 def setting_problem(name: str) -> str | None:
-    """Why an environment variable that is not a setting must stop the run (a typo such as XSA_LAST,
-    a record script's TTT_ENABLED), or None if it is a setting or unrelated (PATH, MAX_JOBS, ...)."""
+    """Why an environment variable that is not a setting must stop the run, or None if it is a setting or
+    unrelated (PATH, MAX_JOBS, LOCAL_RANK, ...). The rule, as README.md ("Settings") states it: a name that
+    is not a setting is refused if, in upper case, it is a setting (iterations), a retired or other-script
+    name (TTT_ENABLED, LR, EPOCHS), a near-spelling of a setting (XSA_LAST) or shares a distinctive word
+    with a setting (MAX_WALLCLOCK, GRAD_CLIP); names in other programs' namespaces (NCCL_*, ...) pass."""
     accepted = setting_names(legacy=True)
     if name in accepted:
         return None
+    upper = name.upper()
+    if upper != name:
+        if upper in accepted:
+            return f"{name} is not read: settings are upper case, use {upper}"
+        problem = setting_problem(upper)
+        return f"{name} is not read (settings are upper case); as {upper}: {problem}" if problem else None
     if name in RETIRED_SETTINGS:
         return f"{name} is not a setting of this script: {RETIRED_SETTINGS[name]}"
     for prefix, reason in RETIRED_PREFIXES.items():
         if name.startswith(prefix):
             return f"unknown setting {name}: {reason}"
-    close = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.8)
-    if close:
-        return f"unknown setting {name}: did you mean {close[0]}? (see the settings table in README.md)"
-    prefixes = {n.split("_")[0] + "_" for n in accepted} - {p + "_" for p in GENERIC_PREFIXES}
-    if any(name.startswith(p) for p in prefixes):
-        return f"unknown setting {name}: no setting has that name (see the settings table in README.md)"
+    if name in ALIASES:
+        return f"unknown setting {name}: {ALIASES[name]}"
+    first = name.split("_")[0]
+    if first in FOREIGN_PREFIXES or first.startswith("PYTHON"):
+        return None
+    typo = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.8)
+    if name_words(name) & distinctive_words():
+        best = nearest_setting(name)
+        if name_words(name) <= name_words(best) or best in typo:
+            return f"unknown setting {name}: did you mean {best}? (see the settings table in README.md)"
+        return f"unknown setting {name}: no setting has that name; the nearest is {best} (see the settings table in README.md)"
+    if typo:
+        return f"unknown setting {name}: did you mean {typo[0]}? (see the settings table in README.md)"
     return None
 
 
