@@ -550,7 +550,11 @@ def build_byte_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
     path = Path(tokenizer_path)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer model not found (set TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{path}: not a SentencePiece model ({reason}); set TOKENIZER_PATH to the .model file") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     base = np.zeros(vocab_size, dtype=np.int64)

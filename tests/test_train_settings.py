@@ -306,3 +306,20 @@ def test_the_script_refuses_bad_settings_in_one_line(run, settings, text):
     result = run(RUN_ID="bad", **settings)
     assert_one_line_error(result, text)
     assert not (run.cwd / "logs").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a model\n", b"", "shard"])
+def test_a_tokenizer_that_is_not_sentencepiece_stops_naming_the_file(tmp_path, content):
+    path = tmp_path / "tokenizer.model"
+    if content == "shard":
+        tg.write_shard(path, [1, 2, 3] * 100)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(tg.DataError, match=f"^{re.escape(str(path))}: not a SentencePiece model"):
+        tg.build_byte_tables(str(path), 384)
+
+
+def test_the_script_refuses_a_tokenizer_that_is_not_sentencepiece(run, tiny_corpus):
+    shard = sorted(tiny_corpus[0].glob("fineweb_val_*.bin"))[0]
+    result = run(RUN_ID="tok", TOKENIZER_PATH=str(shard))
+    assert_one_line_error(result, f"error: {shard}: not a SentencePiece model")
