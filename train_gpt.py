@@ -280,6 +280,25 @@ def setting_names(legacy: bool = False) -> set[str]:
     return names | set(LEGACY_SETTINGS) if legacy else names
 
 
+def settings_help() -> str:
+    """`train_gpt.py --help`: every setting with its default and the comment on its line of Hyperparameters."""
+    import re
+    source = Path(__file__).read_text()
+    body = source[source.index("class Hyperparameters"):source.index("    from_environment = frozenset()")]
+    defaults = {f.name: f.default for f in fields(Hyperparameters)}
+    lines = [__doc__.strip(), "",
+             "Settings are environment variables (NAME=value), shown with their defaults; see README.md for the",
+             "rule that refuses names that look like settings but are not. The only arguments are --help and -h."]
+    for line in body.splitlines():
+        if group := re.match(r"    # ---- (.*)", line):
+            lines += ["", f"{group.group(1)}:"]
+        elif field := re.match(r"    (\w+): \w+ = [^#]+?\s*(?:#\s*(.*))?$", line):
+            name, comment = field.groups()
+            default = int(defaults[name]) if isinstance(defaults[name], bool) else defaults[name]
+            lines.append(f"  {name.upper()}={default}".ljust(48) + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
 def name_words(name: str) -> set[str]:
     return {w for w in name.split("_") if w}
 
@@ -2124,6 +2143,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     try:
+        if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+            if os.environ.get("RANK", "0") == "0":
+                print(settings_help())
+            sys.exit(0)
+        if sys.argv[1:]:
+            raise ConfigError(f"unexpected argument {sys.argv[1]!r}: train_gpt.py takes its settings from "
+                              "environment variables only (python train_gpt.py --help lists them)")
         main()
     except RunError as error:
         if os.environ.get("RANK", "0") == "0":

@@ -323,3 +323,28 @@ def test_the_script_refuses_a_tokenizer_that_is_not_sentencepiece(run, tiny_corp
     shard = sorted(tiny_corpus[0].glob("fineweb_val_*.bin"))[0]
     result = run(RUN_ID="tok", TOKENIZER_PATH=str(shard))
     assert_one_line_error(result, f"error: {shard}: not a SentencePiece model")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_setting_with_default_and_comment_and_starts_nothing(run, flag):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, str(tg.__file__), flag], cwd=run.cwd, capture_output=True, text=True,
+                            env={"PATH": "/bin", "LR": "1", "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    for f in dataclasses.fields(tg.Hyperparameters):
+        default = int(f.default) if isinstance(f.default, bool) else f.default
+        assert any(line.startswith(f"  {f.name.upper()}={default} ") or line == f"  {f.name.upper()}={default}" for line in lines), f.name
+    assert any(line.startswith("  MAX_WALLCLOCK_SECONDS=600.0 ") and line.endswith("# training-time cap; 0 = none") for line in lines)
+    assert "model shape:" in lines
+    assert list(run.cwd.iterdir()) == []  # no logs/, no run
+
+
+def test_any_other_argument_stops_in_one_line(run):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, str(tg.__file__), "--iterations=5"], cwd=run.cwd, capture_output=True,
+                            text=True, env={"PATH": "/bin", "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert_one_line_error(result, "error: unexpected argument '--iterations=5': train_gpt.py takes its settings from environment variables only")
+    assert list(run.cwd.iterdir()) == []
