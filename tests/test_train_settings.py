@@ -348,3 +348,19 @@ def test_any_other_argument_stops_in_one_line(run):
                             text=True, env={"PATH": "/bin", "OMP_NUM_THREADS": "1"}, timeout=120)
     assert_one_line_error(result, "error: unexpected argument '--iterations=5': train_gpt.py takes its settings from environment variables only")
     assert list(run.cwd.iterdir()) == []
+
+
+NAMESPACES = """APPTAINER AWS AZ AZURE AZUREML BUILDKIT BUILDKITE CARGO CI CLOUDSDK COMPOSE CONDA CUBLAS CUDA CUDNN DOCKER
+FI GCE GIT GITHUB GITLAB GOOGLE HF HUGGINGFACE HYDRA I JAX JPY JUPYTER KMP KUBERNETES LC LD LSB MAMBA MKL MLFLOW MPI
+MV2 NCCL NV NVIDIA NVSHMEM NVTE OMP OMPI OPENBLAS PBS PIP PMI PMIX PYENV PYTORCH RUNNER SAGEMAKER SGE SINGULARITY
+SLURM SM SSH TF TOKENIZERS TORCH TORCHDYNAMO TORCHELASTIC TORCHINDUCTOR TRANSFORMERS TRITON UCX VSCODE WANDB XDG
+XLA""".split()
+
+
+def test_other_programs_namespaces_pass_even_with_a_settings_word():
+    assert set(NAMESPACES) == tg.FOREIGN_PREFIXES
+    for prefix in NAMESPACES + ["PYTHON", "PYTHONX"]:
+        name = f"{prefix}_TRAIN_LR_SEED"
+        assert tg.setting_problem(name) is None, name
+        if not prefix.startswith("PYTHON"):  # the namespace is the whole first word
+            assert tg.setting_problem(f"X{name}") is not None and tg.setting_problem(f"{prefix}Q_TRAIN_LR_SEED") is not None, name
