@@ -147,6 +147,15 @@ class Hyperparameters:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            need(f.type != "float" or math.isfinite(value), f"{f.name.upper()}={value}: expected a finite number")
+        for names, ok, expected in SETTING_RANGES:
+            for name in names:
+                value = getattr(self, name)
+                need(ok(value), f"{name.upper()}={value}: expected {expected}")
+        need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult}: expected MLP_MULT * MODEL_DIM >= 1 (the MLP hidden width)")
+        need(1 <= self.target_bytes <= SIZE_CAP_BYTES, f"TARGET_BYTES={self.target_bytes}: expected 1..{SIZE_CAP_BYTES} (the size cap)")
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
@@ -180,6 +189,23 @@ class Hyperparameters:
             raise ConfigError(f"VE_LAYERS={self.ve_layers!r}: expected comma-separated layer numbers, e.g. 9,10") from None
 
 
+# The range of every number (validate() checks these first, then the relations between settings;
+# every float must also be finite). Each refusal reads `NAME=value: expected <text>`.
+SETTING_RANGES = (
+    (("vocab_size", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps"),
+     lambda v: v >= 1, "a positive number"),
+    (("mlp_mult", "logit_softcap", "rope_base", "adam_eps", "gptq_damp"), lambda v: v > 0, "a number > 0"),
+    (("seed",), lambda v: 0 <= v < 2**63, "0 <= seed < 2**63"),
+    (("grad_accum_steps",), lambda v: v >= 0, "a number >= 0 (0 = 8 // world size)"),
+    (("warmup_steps", "warmdown_iters", "muon_momentum_warmup_steps", "val_loss_every"), lambda v: v >= 0, "a number >= 0"),
+    (("max_wallclock_seconds",), lambda v: v >= 0, "a number >= 0 (0 = no cap)"),
+    (("grad_clip_norm", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "tied_embed_init_std"),
+     lambda v: v >= 0, "a number >= 0"),
+    (("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"), lambda v: 0 <= v < 1, "0 <= value < 1"),
+    (("swa_threshold", "late_qat_threshold"), lambda v: 0 <= v <= 1, "0 <= value <= 1 (an LR scale)"),
+)
+
+
 class RunError(Exception):
     """A problem with the settings, the input files or the run itself: reported as one line, exit status 2."""
 
@@ -209,8 +235,48 @@ RETIRED_PREFIXES = {
     "TTT_": "test-time training is not implemented in this script",
     "MTP_": "multi-token prediction heads are not implemented in this script",
 }
-# First words of settings that are also common in unrelated environment variables (MAX_JOBS, ...).
-GENERIC_PREFIXES = {"MAX", "DATA", "RUN", "MODEL", "NUM", "SEED", "COMPILE", "ITERATIONS", "WEIGHT", "GRAD"}
+# Other training scripts' names for what is spelled differently here (where the word rule below would
+# not name the right setting); they stop the run with the setting to use.
+ALIASES = {
+    "LR": "use MATRIX_LR (Muon, block matrices), SCALAR_LR or TIED_EMBED_LR (AdamW)",
+    "LEARNING_RATE": "use MATRIX_LR (Muon, block matrices), SCALAR_LR or TIED_EMBED_LR (AdamW)",
+    "MUON_LR": "use MATRIX_LR (Muon, block matrices)",
+    "ADAM_LR": "use SCALAR_LR or TIED_EMBED_LR (AdamW)",
+    "WD": "use MUON_WD (Muon) and ADAM_WD (AdamW)",
+    "WEIGHT_DECAY": "use MUON_WD (Muon) and ADAM_WD (AdamW)",
+    "EPOCHS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "NUM_EPOCHS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "MAX_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "MAX_ITERS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "NUM_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "TRAIN_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
+    "WARMUP_ITERS": "use WARMUP_STEPS (compile priming) or MUON_MOMENTUM_WARMUP_STEPS; the LR has no warm-up",
+    "BATCH_SIZE": "use TRAIN_BATCH_TOKENS (global tokens per step) or EVAL_BATCH_SEQS",
+    "MICRO_BATCH_SIZE": "use GRAD_ACCUM_STEPS (micro-steps per rank; TRAIN_BATCH_TOKENS is split over them)",
+    "SEQ_LEN": "use TRAIN_SEQ_LEN (training) or EVAL_SEQ_LEN (evaluation windows)",
+    "BLOCK_SIZE": "use TRAIN_SEQ_LEN (training) or EVAL_SEQ_LEN (evaluation windows)",
+    "DATA_DIR": "use DATA_PATH (the folder of the fineweb_{train,val}_*.bin shards)",
+    "DATASET": "use DATA_PATH (the folder of the fineweb_{train,val}_*.bin shards)",
+    "RUN_NAME": "use RUN_ID (names logs/<RUN_ID>.txt)",
+    "EMA": "use WEIGHT_AVG=ema (the default) and EMA_DECAY",
+    "SWA": "use WEIGHT_AVG=swa, SWA_EVERY and SWA_THRESHOLD",
+    "QAT": "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)",
+}
+# Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
+# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
+COMMON_WORDS = frozenset({
+    "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
+    "MAX", "METHOD", "MODEL", "N", "NUM", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD", "STEPS",
+    "TARGET"})
+# First words of other programs' variables: never read, never refused (also any first word PYTHON...).
+FOREIGN_PREFIXES = frozenset({
+    "APPTAINER", "AWS", "AZ", "AZURE", "AZUREML", "BUILDKITE", "BUILDKIT", "CARGO", "CI", "CLOUDSDK", "COMPOSE",
+    "CONDA", "CUBLAS", "CUDA", "CUDNN", "DOCKER", "FI", "GCE", "GIT", "GITHUB", "GITLAB", "GOOGLE", "HF",
+    "HUGGINGFACE", "HYDRA", "I", "JAX", "JPY", "JUPYTER", "KMP", "KUBERNETES", "LC", "LD", "LSB", "MAMBA", "MKL",
+    "MLFLOW", "MPI", "MV2", "NCCL", "NV", "NVIDIA", "NVSHMEM", "NVTE", "OMP", "OMPI", "OPENBLAS", "PBS", "PIP",
+    "PMI", "PMIX", "PYENV", "PYTORCH", "RUNNER", "SAGEMAKER", "SGE", "SINGULARITY", "SLURM", "SM", "SSH", "TF",
+    "TOKENIZERS", "TORCH", "TORCHDYNAMO", "TORCHELASTIC", "TORCHINDUCTOR", "TRANSFORMERS", "TRITON", "UCX",
+    "VSCODE", "WANDB", "XDG", "XLA"})
 
 
 def setting_names(legacy: bool = False) -> set[str]:
@@ -219,23 +285,78 @@ def setting_names(legacy: bool = False) -> set[str]:
     return names | set(LEGACY_SETTINGS) if legacy else names
 
 
+def settings_help() -> str:
+    """`train_gpt.py --help`: every setting with its default and the comment on its line of Hyperparameters."""
+    import re
+    source = Path(__file__).read_text()
+    body = source[source.index("class Hyperparameters"):source.index("    from_environment = frozenset()")]
+    defaults = {f.name: f.default for f in fields(Hyperparameters)}
+    lines = [__doc__.strip(), "",
+             "Settings are environment variables (NAME=value), shown with their defaults; see README.md for the",
+             "rule that refuses names that look like settings but are not. The only arguments are --help and -h."]
+    for line in body.splitlines():
+        if group := re.match(r"    # ---- (.*)", line):
+            lines += ["", f"{group.group(1)}:"]
+        elif field := re.match(r"    (\w+): \w+ = [^#]+?\s*(?:#\s*(.*))?$", line):
+            name, comment = field.groups()
+            default = int(defaults[name]) if isinstance(defaults[name], bool) else defaults[name]
+            lines.append(f"  {name.upper()}={default}".ljust(48) + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
+def name_words(name: str) -> set[str]:
+    return {w for w in name.split("_") if w}
+
+
+def distinctive_words() -> set[str]:
+    """The words of the settings' names that mark a variable as meant for this script (LR, QAT, WALLCLOCK, ...)."""
+    return {w for n in setting_names(legacy=True) for w in name_words(n)} - COMMON_WORDS
+
+
+def nearest_setting(name: str) -> str:
+    """The setting sharing the most words with `name`, then the larger share of its own words, then the
+    closest spelling: QAT_THRESHOLD -> LATE_QAT_THRESHOLD, NUM_KV -> NUM_KV_HEADS, MATRX_LR -> MATRIX_LR."""
+    mine = name_words(name)
+
+    def score(setting: str):
+        shared = len(mine & name_words(setting))
+        return shared, shared / len(name_words(setting)), difflib.SequenceMatcher(None, name, setting).ratio()
+    return max(sorted(setting_names()), key=score)
+
+
 def setting_problem(name: str) -> str | None:
-    """Why an environment variable that is not a setting must stop the run (a typo such as XSA_LAST,
-    a record script's TTT_ENABLED), or None if it is a setting or unrelated (PATH, MAX_JOBS, ...)."""
+    """Why an environment variable that is not a setting must stop the run, or None if it is a setting or
+    unrelated (PATH, MAX_JOBS, LOCAL_RANK, ...). The rule (README.md, "Which environment variables stop a
+    run"): a name that is not a setting is refused if, in upper case, it is a setting (iterations), a
+    retired or other-script name (TTT_ENABLED, LR, EPOCHS), a near-spelling of a setting (XSA_LAST) or
+    shares a distinctive word with one (MAX_WALLCLOCK, GRAD_CLIP); other programs' namespaces (NCCL_*) pass."""
     accepted = setting_names(legacy=True)
     if name in accepted:
         return None
+    upper = name.upper()
+    if upper != name:
+        if upper in accepted:
+            return f"{name} is not read: settings are upper case, use {upper}"
+        problem = setting_problem(upper)
+        return f"{name} is not read (settings are upper case); as {upper}: {problem}" if problem else None
     if name in RETIRED_SETTINGS:
         return f"{name} is not a setting of this script: {RETIRED_SETTINGS[name]}"
     for prefix, reason in RETIRED_PREFIXES.items():
         if name.startswith(prefix):
             return f"unknown setting {name}: {reason}"
-    close = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.8)
-    if close:
-        return f"unknown setting {name}: did you mean {close[0]}? (see the settings table in README.md)"
-    prefixes = {n.split("_")[0] + "_" for n in accepted} - {p + "_" for p in GENERIC_PREFIXES}
-    if any(name.startswith(p) for p in prefixes):
-        return f"unknown setting {name}: no setting has that name (see the settings table in README.md)"
+    if name in ALIASES:
+        return f"unknown setting {name}: {ALIASES[name]}"
+    first = name.split("_")[0]
+    if first in FOREIGN_PREFIXES or first.startswith("PYTHON"):
+        return None
+    typo = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.8)
+    if name_words(name) & distinctive_words():
+        best = nearest_setting(name)
+        if name_words(name) <= name_words(best) or best in typo:
+            return f"unknown setting {name}: did you mean {best}? (see the settings table in README.md)"
+        return f"unknown setting {name}: no setting has that name; the nearest is {best} (see the settings table in README.md)"
+    if typo:
+        return f"unknown setting {name}: did you mean {typo[0]}? (see the settings table in README.md)"
     return None
 
 
@@ -261,7 +382,11 @@ def parse_setting(name: str, raw: str, kind: str):
                 return False
             raise ValueError
         if kind == "int":
-            number = float(text)  # accepts 786_432 and 1e3; rejects 2.5
+            try:
+                return int(text)  # exact, also for seeds beyond 2**53; accepts 786_432
+            except ValueError:
+                pass
+            number = float(text)  # accepts 1e3; rejects 2.5
             if not number.is_integer():
                 raise ValueError
             return int(number)
@@ -456,7 +581,11 @@ def build_byte_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
     path = Path(tokenizer_path)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer model not found (set TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{path}: not a SentencePiece model ({reason}); set TOKENIZER_PATH to the .model file") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     base = np.zeros(vocab_size, dtype=np.int64)
@@ -2297,6 +2426,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     try:
+        if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+            if os.environ.get("RANK", "0") == "0":
+                print(settings_help())
+            sys.exit(0)
+        if sys.argv[1:]:
+            raise ConfigError(f"unexpected argument {sys.argv[1]!r}: train_gpt.py takes its settings from "
+                              "environment variables only (python train_gpt.py --help lists them)")
         main()
     except RunError as error:
         if os.environ.get("RANK", "0") == "0":
