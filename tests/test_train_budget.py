@@ -48,6 +48,7 @@ def test_an_artifact_over_the_cap_is_never_written(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("target, message", [
     ("1000", r"error: TARGET_BYTES=1000: expected at least \d+ \(the code, \d+ bytes, and an empty artifact\) and at most 16000000"),
+    ("100000000", r"error: TARGET_BYTES=100000000: expected 1\.\.16000000 \(the size cap\)"),
 ])
 def test_a_target_that_cannot_be_met_is_refused_at_start(run, target, message):
     result = run(RUN_ID="target", TARGET_BYTES=target)
