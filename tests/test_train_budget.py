@@ -23,19 +23,20 @@ def test_a_binding_target_counts_the_code_bytes(run):
     assert free.returncode == 0, free.stderr
     unpruned = logged_int(free.stdout, "Serialized model int6\\+zstd: ")
     code = logged_int(free.stdout, "Code size: ")
-    assert code == len(tg.SOURCE)
+    assert code == tg.CODE_BYTES == len(tg.self_extracting(tg.SOURCE)) < len(tg.SOURCE)  # the counted form
     target = code + unpruned - 3000
     fitted = run(RUN_ID="fitted", TARGET_BYTES=str(target), **WIDE)
     assert fitted.returncode == 0, fitted.stderr
     artifact = logged_int(fitted.stdout, "Serialized model int6\\+zstd: ")
     assert logged_int(fitted.stdout, "Total submission size int6\\+zstd: ") == artifact + code <= target
+    assert artifact > target - len(tg.SOURCE), "fitted to TARGET_BYTES less the counted code, not less the raw source"
     assert (run.cwd / "logs/fitted.model.zst").stat().st_size == artifact
     zeroed = int(re.search(r"(\d+) quantised \+-1 values zeroed to fit TARGET_BYTES=", fitted.stdout).group(1))
     assert zeroed > 0
 
 
 def test_an_artifact_over_the_cap_is_never_written(tmp_path, monkeypatch):
-    over = tg.SIZE_CAP_BYTES - len(tg.SOURCE) + 1
+    over = tg.SIZE_CAP_BYTES - tg.CODE_BYTES + 1  # the code counted is the self-extracting form
     monkeypatch.setattr(tg, "fit_to_budget", lambda *args: (b"\0" * over, 0))
     h = tg.Hyperparameters()
     with pytest.raises(tg.RunError, match=r"total submission size 16000001 bytes is over the 16,000,000-byte cap by 1 bytes"):
@@ -47,7 +48,7 @@ def test_an_artifact_over_the_cap_is_never_written(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("target, message", [
-    ("1000", r"error: TARGET_BYTES=1000: expected at least \d+ \(the code, \d+ bytes, and an empty artifact\) and at most 16000000"),
+    ("1000", rf"error: TARGET_BYTES=1000: expected at least \d+ \(the code counted as its self-extracting form, {tg.CODE_BYTES} bytes, and an empty artifact\) and at most 16000000"),
 ])
 def test_a_target_that_cannot_be_met_is_refused_at_start(run, target, message):
     result = run(RUN_ID="target", TARGET_BYTES=target)
@@ -131,7 +132,7 @@ def test_an_export_failure_on_rank_0_stops_every_rank(tmp_path):
 
 def test_an_impossible_target_fails_both_ranks_with_the_same_error(run):
     """Rank 0 cannot fit the artifact: rank 1 must fail too, with rank 0's reason, not wait at a barrier."""
-    target = len(tg.SOURCE) + 2000  # above the empty container, far below the model
+    target = tg.CODE_BYTES + 2000  # above the code and the empty container, far below the model
     result = run(nproc=2, RUN_ID="nofit", GRAD_ACCUM_STEPS="1", TARGET_BYTES=str(target), timeout=240, **WIDE)
     assert result.returncode != 0
     assert re.search(r"^error: the artifact cannot fit \d+ bytes even with all \d+ quantised \+-1 values zeroed", result.stderr, re.M), result.stderr
