@@ -180,7 +180,6 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_batch_seqs", "train_log_every",
                      "gptq_calib_batches", "target_bytes"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)}: expected a positive number")
-        need(self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap}: expected a positive number")
 
     def value_embedding_layers(self) -> list[int]:
         try:
@@ -1731,7 +1730,7 @@ def export_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantiz
     Returns (artifact bytes, quantised values zeroed to fit)."""
     config = {name: getattr(h, name) for name in MODEL_SETTINGS}  # no paths, nothing but the model's shape
     blob, pruned = fit_to_budget(state, formats, quantized, config, hessians, budget)
-    check_size_cap(len(blob) + len(SOURCE))  # an artifact over the cap never gets a name
+    check_size_cap(len(blob) + CODE_BYTES)  # an artifact over the cap never gets a name
     write_atomic(path, blob)
     return len(blob), pruned
 
@@ -1863,8 +1862,24 @@ class Evaluator:
 # warm time, and always less than the cold one. A run whose training and export go over the cap fails.
 RESERVE_FACTOR = 2.0
 
-# Read once at start: the source in the log and the code size counted against the cap are the same bytes.
-SOURCE = Path(__file__).read_bytes()
+
+def self_extracting(source: bytes) -> bytes:
+    """The form of the script that is counted against the cap: two lines that decompress the readable
+    source (lzma, base85), hand it over as READABLE_SOURCE, put it in linecache (tracebacks and Triton's
+    inspect.getsource see the readable lines) and run it compiled as train_gpt.py, so that line numbers
+    are the readable file's. Deterministic: the same source gives the same bytes. records/package.py
+    runs this function from the logged source to write a submission's train_gpt.py."""
+    import base64, lzma
+    packed = base64.b85encode(lzma.compress(source, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9 | lzma.PRESET_EXTREME))
+    return (b'import base64,linecache,lzma;READABLE_SOURCE=lzma.decompress(base64.b85decode(b"' + packed + b'"))\n'
+            b'linecache.cache["train_gpt.py"]=(len(READABLE_SOURCE),None,READABLE_SOURCE.decode().splitlines(True),"train_gpt.py");'
+            b'exec(compile(READABLE_SOURCE,"train_gpt.py","exec"))\n')
+
+
+# Read once at start: the readable source, logged in full (this file's bytes, or those its self-extracting
+# form ran), and the code size counted against the cap: the bytes of that form (CODE_BYTES, computed here).
+SOURCE = globals().get("READABLE_SOURCE") or Path(__file__).read_bytes()
+CODE_BYTES = len(self_extracting(SOURCE))
 
 
 @dataclass
@@ -2064,9 +2079,11 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
 
 
 def log_sizes(log: RunLog, artifact_bytes: int) -> None:
+    import hashlib
     log(f"Serialized model int6+zstd: {artifact_bytes} bytes")
-    log(f"Code size: {len(SOURCE)} bytes")
-    log(f"Total submission size int6+zstd: {artifact_bytes + len(SOURCE)} bytes")
+    log(f"Code size: {CODE_BYTES} bytes")
+    log(f"Code source: {len(SOURCE)} bytes sha256:{hashlib.sha256(SOURCE).hexdigest()} (counted as its self-extracting form)")
+    log(f"Total submission size int6+zstd: {artifact_bytes + CODE_BYTES} bytes")
 
 
 def finite_score(evaluator: Evaluator, sliding: bool) -> tuple[float, float, float]:
@@ -2094,9 +2111,9 @@ def check_size_cap(total_bytes: int) -> None:
 
 def check_budget(h: Hyperparameters) -> None:
     """At start: TARGET_BYTES must hold the code and at least an empty artifact container."""
-    floor = len(SOURCE) + len(compress(pack_artifact({}, {}, {}, {name: getattr(h, name) for name in MODEL_SETTINGS})))
+    floor = CODE_BYTES + len(compress(pack_artifact({}, {}, {}, {name: getattr(h, name) for name in MODEL_SETTINGS})))
     if h.target_bytes < floor:
-        raise ConfigError(f"TARGET_BYTES={h.target_bytes}: expected at least {floor} (the code, {len(SOURCE)} bytes, "
+        raise ConfigError(f"TARGET_BYTES={h.target_bytes}: expected at least {floor} (the code counted as its self-extracting form, {CODE_BYTES} bytes, "
                           f"and an empty artifact) and at most {SIZE_CAP_BYTES}")
 
 
@@ -2276,7 +2293,7 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
-    _, zeroed = on_master(rt, lambda: export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - len(SOURCE)))
+    _, zeroed = on_master(rt, lambda: export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - CODE_BYTES))
     log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
     state, _ = load_artifact(artifact_path)  # the score is always that of the bytes on disk
     model.load_state_dict(state)
@@ -2351,7 +2368,7 @@ def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     """Score a saved artifact on the validation shards, without training."""
     path = Path(h.eval_artifact)
     state, config = load_artifact(path)
-    check_size_cap(path.stat().st_size + len(SOURCE))  # an artifact over the cap is refused, not scored
+    check_size_cap(path.stat().st_size + CODE_BYTES)  # an artifact over the cap is refused, not scored
     stored = stored_model_settings(config, h, str(path))
     for name in MODEL_SETTINGS:
         value = stored.get(name, getattr(h, name))  # an artifact older than the setting: this run's value

@@ -3,18 +3,23 @@
     python records/package.py logs/s1337.txt logs/s42.txt logs/s2025.txt \\
         --name "11L XSA4 EMA int6" --author "Ada Lovelace" --github-id ada --blurb "What changed"
 
-writes records/track_10min_16mb/<date>_<name>/ holding train_gpt.py, train_seed<SEED>.log per log,
-submission.json, README.md (a skeleton with the results table) and requirements.txt. Every figure
-is read from the logs. When a log breaks a rule, nothing is written: the command prints the problems
-on one line and exits with status 1. A file that cannot be used at all (unreadable, a failed run with an
-`error:` line, a score that is not a finite number) or a bad option is one `error: ...` line, status 2.
+writes records/track_10min_16mb/<date>_<name>/ holding train_gpt.py (the self-extracting form that
+the logs count as Code size), train_gpt_source.py (the readable source it unpacks to, the one in the
+logs), train_seed<SEED>.log per log, submission.json, README.md (a skeleton with the results table)
+and requirements.txt. Every figure is read from the logs. When a log breaks a rule, nothing is written:
+the command prints the problems on one line and exits with status 1. A file that cannot be used at all
+(unreadable, a failed run with an `error:` line, a score that is not a finite number) or a bad option is
+one `error: ...` line, status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import functools
 import json
+import linecache
 import math
 import os
 import re
@@ -98,6 +103,8 @@ def check_runs(runs: list[RunLog], script: bytes, track: str) -> None:
         problems.append("the logs come from different code: " + ", ".join(f"{r.name} sha256 {r.source_sha256[:12]}" for r in runs))
     elif script != runs[0].source:
         problems.append(f"the train_gpt.py to copy differs from the source embedded in the logs (first at line {first_difference(script, runs[0].source)})")
+    else:
+        problems += script_problems(runs, script)
     seeds = [r.seed for r in runs]
     if None in seeds:
         problems.append(f"no `setting SEED=` line in {', '.join(r.name for r in runs if r.seed is None)}")
@@ -113,6 +120,66 @@ def check_runs(runs: list[RunLog], script: bytes, track: str) -> None:
         raise RecordsError("; ".join(problems))
 
 
+# The submission's train_gpt.py is the self-extracting form of the logged source, made by that source's
+# own self_extracting() (train_gpt.py counts its bytes as `Code size`); SOURCE_FILE holds the readable source.
+FORM_FUNCTION = "self_extracting"
+SOURCE_FILE = "train_gpt_source.py"
+
+
+@functools.lru_cache(maxsize=4)
+def self_extracting_form(source: bytes) -> bytes:
+    """The counted train_gpt.py: the source's self_extracting(source), run alone (no torch needed)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        raise RecordsError(f"the source in the logs does not parse ({e})") from None
+    defs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == FORM_FUNCTION]
+    if not defs:
+        raise RecordsError(f"the source in the logs has no {FORM_FUNCTION}() to build its self-extracting train_gpt.py with")
+    namespace = {}
+    try:
+        import __future__
+        exec(compile(ast.Module(body=defs, type_ignores=[]), "train_gpt.py", "exec", flags=__future__.annotations.compiler_flag), namespace)
+        form = namespace[FORM_FUNCTION](source)
+    except Exception as e:
+        raise RecordsError(f"{FORM_FUNCTION}() of the source in the logs failed ({type(e).__name__}: {e})") from None
+    if not isinstance(form, bytes):
+        raise RecordsError(f"{FORM_FUNCTION}() of the source in the logs returned {type(form).__name__}, not bytes")
+    return form
+
+
+def unpacked(form: bytes) -> tuple[bytes, str] | None:
+    """(the source, the file name) the form would compile and run, found by running it with compile and
+    exec replaced by recorders; None when it does not compile exactly one program and run it."""
+    compiled, ran = [], []
+    saved = dict(linecache.cache)  # the form registers its lines there
+    try:
+        exec(form, {"compile": lambda text, name, mode, *a, **k: compiled.append((text, name)) or len(compiled),
+                    "exec": lambda code, *a, **k: ran.append(code)})
+    except Exception:
+        return None
+    finally:
+        linecache.cache.clear()
+        linecache.cache.update(saved)
+    return compiled[0] if len(compiled) == 1 and ran == [1] else None
+
+
+def script_problems(runs: list[RunLog], source: bytes) -> list[str]:
+    """The self-extracting form must unpack byte for byte to the logged source, and be as long as each log's Code size."""
+    try:
+        form = self_extracting_form(source)
+    except RecordsError as e:
+        return [str(e)]
+    problems = []
+    if unpacked(form) != (source, "train_gpt.py"):
+        problems.append("the self-extracting train_gpt.py does not unpack to the source embedded in the logs (compiled as train_gpt.py)")
+    for run in runs:
+        if run.code_bytes is not None and run.code_bytes != len(form):
+            problems.append(f"seed {run.seed} ({run.name}): Code size {run.code_bytes} bytes but the self-extracting train_gpt.py "
+                            f"built from its source has {len(form)} (its self_extracting() gives other bytes here: another lzma library?)")
+    return problems
+
+
 def differing_settings(runs: list[RunLog]) -> list[str]:
     names = sorted(set().union(*(r.settings for r in runs)) - PER_RUN_SETTINGS)
     differing = [n for n in names if len({r.settings.get(n) for r in runs}) > 1]
@@ -122,8 +189,6 @@ def differing_settings(runs: list[RunLog]) -> list[str]:
 def rule_problems(run: RunLog, track: str) -> list[str]:
     who = f"seed {run.seed} ({run.name})"
     problems = []
-    if run.code_bytes is not None and run.code_bytes != len(run.source):
-        problems.append(f"{who}: Code size {run.code_bytes} bytes but the embedded source has {len(run.source)}")
     if None not in (run.model_bytes, run.code_bytes, run.total_bytes) and run.total_bytes != run.model_bytes + run.code_bytes:
         problems.append(f"{who}: total {run.total_bytes} bytes is not model {run.model_bytes} + code {run.code_bytes}")
     if run.total_bytes is not None and run.total_bytes > MAX_TOTAL_BYTES:
@@ -254,7 +319,8 @@ TODO: paste the output of
 
 - [x] total submission size (weights + code) at most 16,000,000 bytes for every seed (checked)
 {time_rule}
-- [x] `train_gpt.py` is byte-identical to the source embedded in every log (sha256 `{sub['train_gpt_sha256']}`)
+- [x] `{SOURCE_FILE}` is byte-identical to the source embedded in every log (sha256 `{sub['train_gpt_sha256']}`), and
+  `train_gpt.py`, the code counted, is its self-extracting form: it unpacks to exactly that source and runs it (checked)
 - [ ] no validation data is used in training (the author confirms)
 - [ ] test-time training, if any, adapts only on validation tokens already scored (the author confirms)
 
@@ -268,7 +334,8 @@ Seeds: {seeds}. Every setting as the logs record it:
 
 ## Files
 
-`train_gpt.py`, {', '.join(f'`{log_name(r)}`' for r in runs)}, `submission.json`, `requirements.txt`.
+`train_gpt.py` (self-extracting, the code counted), `{SOURCE_FILE}` (its readable source),
+{', '.join(f'`{log_name(r)}`' for r in runs)}, `submission.json`, `requirements.txt`.
 """
 
 
@@ -311,7 +378,7 @@ def package(args) -> Path:
     sub = submission_json(runs, author=args.author, github_id=args.github_id, name=args.name,
                           blurb=args.blurb, date=args.date, track=args.track)
     target = args.out or REPO / "records" / TRACKS[args.track] / folder_name(args.date, args.name)
-    files = {"train_gpt.py": script,
+    files = {"train_gpt.py": self_extracting_form(script), SOURCE_FILE: script,
              "submission.json": submission_bytes(sub),
              "README.md": readme_text(sub, runs, args.track).encode(),
              "requirements.txt": read_file(args.requirements, "requirements file")}
@@ -331,7 +398,7 @@ def main(argv=None) -> None:
                         help="10min_16mb (default) enforces 600 s training and evaluation on 8xH100")
     parser.add_argument("--date", default=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                         help="YYYY-MM-DD (default: today, UTC)")
-    parser.add_argument("--script", type=Path, default=REPO / "train_gpt.py", help="the train_gpt.py to copy (default: %(default)s)")
+    parser.add_argument("--script", type=Path, default=REPO / "train_gpt.py", help="the readable train_gpt.py that ran (default: %(default)s)")
     parser.add_argument("--requirements", type=Path, default=REPO / "requirements.txt", help="default: %(default)s")
     parser.add_argument("--out", type=Path, help="the folder to create (default: records/<track>/<date>_<name>)")
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """records/package.py: the folder and submission.json agree with the logs, and each broken rule is refused."""
 
+import ast
 import json
 import statistics
 import subprocess
@@ -13,6 +14,12 @@ from records_testlogs import RECORDS, SOURCE, write_log  # noqa: E402
 
 import package  # noqa: E402
 
+TRAIN_GPT = RECORDS.parent / "train_gpt.py"
+# The stand-in source with train_gpt.py's own self_extracting(), which package.py runs to write the counted train_gpt.py.
+_function = next(n for n in ast.parse(TRAIN_GPT.read_bytes()).body if isinstance(n, ast.FunctionDef) and n.name == "self_extracting")
+SCRIPT = SOURCE + b"\n\n" + ast.get_source_segment(TRAIN_GPT.read_text(), _function).encode() + b"\n"
+FORM = package.self_extracting_form(SCRIPT)
+
 SCORES = {1337: (1.90310000, 1.12710000), 42: (1.90412345, 1.12770123), 2025: (1.90198765, 1.12644321)}
 MODEL_BYTES = {1337: 15_468_512, 42: 15_501_000, 2025: 15_433_210}
 
@@ -21,14 +28,15 @@ def three_logs(tmp_path, **changes_by_seed):
     """The logs of seeds 1337, 42 and 2025; changes_by_seed={'s42': {...}} bends one of them."""
     (tmp_path / "logs").mkdir(exist_ok=True)
     return [write_log(tmp_path / "logs" / f"run_s{seed}.txt", **{"seed": seed, "val_loss": SCORES[seed][0], "val_bpb": SCORES[seed][1],
-                                                                 "model_bytes": MODEL_BYTES[seed], **changes_by_seed.get(f"s{seed}", {})})
+                                                                 "model_bytes": MODEL_BYTES[seed], "source": SCRIPT, "code_bytes": len(FORM),
+                                                                 **changes_by_seed.get(f"s{seed}", {})})
             for seed in SCORES]
 
 
 def package_args(tmp_path, logs, *extra):
     script = tmp_path / "train_gpt.py"
     if not script.exists():
-        script.write_bytes(SOURCE)
+        script.write_bytes(SCRIPT)
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("torch\nnumpy\n")
     return [*map(str, logs), "--name", "Test run", "--author", "Ada", "--github-id", "ada", "--blurb", "A test.",
@@ -53,9 +61,14 @@ def test_command_builds_a_folder_that_matches_the_logs(tmp_path):
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "out" / "2026-03-25_Test_run"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["README.md", "submission.json", "train_gpt.py", "requirements.txt",
+        ["README.md", "submission.json", "train_gpt.py", "train_gpt_source.py", "requirements.txt",
          "train_seed1337.log", "train_seed42.log", "train_seed2025.log"])
-    assert (folder / "train_gpt.py").read_bytes() == SOURCE
+    # train_gpt.py is the self-extracting form the logs count, beside the readable source; it runs that source
+    assert (folder / "train_gpt_source.py").read_bytes() == SCRIPT
+    assert (folder / "train_gpt.py").read_bytes() == FORM and len(FORM) < len(SCRIPT) + 400
+    assert package.unpacked(FORM) == (SCRIPT, "train_gpt.py")
+    ran = subprocess.run([sys.executable, "train_gpt.py"], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout) == (0, "training\n"), ran.stderr
     for log in logs:
         seed = log.stem.removeprefix("run_s")
         assert (folder / f"train_seed{seed}.log").read_bytes() == log.read_bytes()
@@ -68,14 +81,14 @@ def test_command_builds_a_folder_that_matches_the_logs(tmp_path):
     assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-8)
     assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpbs), abs=1e-8)
     assert sub["seeds"] == [1337, 42, 2025]
-    assert sub["bytes_code"] == len(SOURCE)
-    assert sub["bytes_total"] == max(MODEL_BYTES.values()) + len(SOURCE)
+    assert sub["bytes_code"] == len(FORM)
+    assert sub["bytes_total"] == max(MODEL_BYTES.values()) + len(FORM)
     assert (sub["author"], sub["github_id"], sub["name"], sub["date"], sub["track"]) == ("Ada", "ada", "Test run", "2026-03-25", "10min_16mb")
     assert sub["hardware"] == "8xNVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.11.0+cu130"
     for seed, (loss, bpb) in SCORES.items():
         r = sub["seed_results"][str(seed)]
         assert (r["val_loss"], r["val_bpb"]) == (loss, bpb)
-        assert r["artifact_bytes"] == MODEL_BYTES[seed] and r["bytes_total"] == MODEL_BYTES[seed] + len(SOURCE)
+        assert r["artifact_bytes"] == MODEL_BYTES[seed] and r["bytes_total"] == MODEL_BYTES[seed] + len(FORM)
         assert (r["steps"], r["step_avg_ms"], r["train_time_ms"]) == (7103, 84.46, 599912.0)
         assert (r["pre_quant_val_loss"], r["pre_quant_val_bpb"]) == (round(loss + 0.0259, 4), round(bpb + 0.0154, 4))
     assert sub["pre_quant_val_bpb"] == pytest.approx(statistics.mean(round(b + 0.0154, 4) for b in bpbs), abs=1e-8)
@@ -95,17 +108,18 @@ def test_command_refuses_with_one_line_and_status_1(tmp_path):
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"s42": {"model_bytes": 15_999_990}}, "seed 42 (run_s42.txt): total submission size 16,000,"),
+    ({"s42": {"model_bytes": 16_000_063 - len(FORM)}}, "seed 42 (run_s42.txt): total submission size 16,000,063 bytes is over 16,000,000"),
     ({"s2025": {"drop": ("final_int6_sliding_window_exact",)}}, "run_s2025.txt lacks the final lines: final_int6_sliding_window_exact"),
     ({"s2025": {"drop": ("Total submission size",)}}, "lacks the final lines: Total submission size"),
     ({"s1337": {"train_time_ms": 600_001.0}}, "seed 1337 (run_s1337.txt): training took 600001ms, over 600000ms"),
     ({"s1337": {"train_time_ms": 597_000.0, "quantisation_ms": 3_500.0}},
      "seed 1337 (run_s1337.txt): training took 600500ms, over 600000ms"),  # the GPTQ time counts
     ({"s42": {"eval_time_ms": 600_500}}, "the scoring evaluation took 600500ms"),
-    ({"s42": {"source": SOURCE + b"# changed\n"}}, "the logs come from different code"),
+    ({"s42": {"source": SCRIPT + b"# changed\n"}}, "the logs come from different code"),
     ({"s42": {"settings": {"NUM_LAYERS": "10"}}}, "differ in settings other than the seed: NUM_LAYERS"),
     ({"s42": {"seed": 1337}}, "a seed appears twice"),
-    ({"s42": {"code_bytes": 999}}, "Code size 999 bytes but the embedded source has"),
+    ({"s42": {"code_bytes": 999}}, "seed 42 (run_s42.txt): Code size 999 bytes but the self-extracting train_gpt.py built from its source has"),
+    ({"s42": {"code_bytes": len(SCRIPT)}}, f"Code size {len(SCRIPT)} bytes but"),  # the readable source's size is not the one counted
     ({"s42": {"total_bytes": 15_000_000}}, "is not model 15501000 + code"),
 ])
 def test_refusals(tmp_path, changes, expected):
@@ -113,8 +127,23 @@ def test_refusals(tmp_path, changes, expected):
 
 
 def test_refuses_a_script_that_differs_from_the_logs(tmp_path):
-    (tmp_path / "train_gpt.py").write_bytes(SOURCE.replace(b"training", b"trainning"))
+    (tmp_path / "train_gpt.py").write_bytes(SCRIPT.replace(b"training", b"trainning"))
     assert "differs from the source embedded in the logs (first at line 3)" in refusal(tmp_path, three_logs(tmp_path))
+
+
+def test_refuses_a_source_without_a_self_extracting_form(tmp_path):
+    (tmp_path / "train_gpt.py").write_bytes(SOURCE)
+    logs = [write_log(tmp_path / "one.txt", seed=7, source=SOURCE)]
+    assert "the source in the logs has no self_extracting() to build its self-extracting train_gpt.py with" in refusal(tmp_path, logs)
+
+
+def test_refuses_a_form_that_does_not_unpack_to_the_source(tmp_path):
+    """A self_extracting() that runs some other program is caught by running its form with compile and exec recorded."""
+    bad = SCRIPT.replace(b"READABLE_SOURCE=lzma.decompress(", b'READABLE_SOURCE=b"print(1)"or lzma.decompress(', 1)
+    assert bad != SCRIPT
+    (tmp_path / "train_gpt.py").write_bytes(bad)
+    logs = [write_log(tmp_path / "one.txt", seed=7, source=bad, code_bytes=len(package.self_extracting_form(bad)))]
+    assert "the self-extracting train_gpt.py does not unpack to the source embedded in the logs" in refusal(tmp_path, logs)
 
 
 def test_refuses_public_logs_without_source(tmp_path):
@@ -145,7 +174,7 @@ def test_refuses_to_overwrite_and_leaves_the_existing_folder_alone(tmp_path):
 
 
 def test_single_seed_has_no_std(tmp_path):
-    log = write_log(tmp_path / "one.txt", seed=7)
+    log = write_log(tmp_path / "one.txt", seed=7, source=SCRIPT, code_bytes=len(FORM))
     package.main(package_args(tmp_path, [log]))
     sub = json.loads((tmp_path / "out" / "2026-03-25_Test_run" / "submission.json").read_text())
     assert sub["seeds"] == [7] and sub["val_loss"] == 1.9031 and sub["val_loss_std"] is None

@@ -310,8 +310,8 @@ def stored(header: dict, **config) -> dict:
 
 @pytest.mark.parametrize("config, match", [
     (dict(mlp_act="evil"), r"stored model settings: MLP_ACT='evil': expected one of relu2, leaky_relu2"),
-    (dict(logit_softcap=-1), r"stored model settings: LOGIT_SOFTCAP=-1.0: expected a positive number"),
-    (dict(logit_softcap=0.0), r"LOGIT_SOFTCAP=0.0: expected a positive number"),
+    (dict(logit_softcap=-1), r"stored model settings: LOGIT_SOFTCAP=-1.0: expected a number > 0"),
+    (dict(logit_softcap=0.0), r"LOGIT_SOFTCAP=0.0: expected a number > 0"),
     (dict(num_layers=10 ** 9), r"NUM_LAYERS=1000000000: expected an integer in 0..512000000"),
     (dict(num_layers=10 ** 400), r"NUM_LAYERS=1000.*: expected an integer"),
     (dict(num_layers=5000), r"NUM_LAYERS=5000: more blocks than an artifact may hold tensors \(2048\)"),
@@ -387,7 +387,7 @@ def test_settings_that_build_another_model_are_refused_by_its_tensors(tmp_path, 
 
 def test_logit_softcap_must_be_positive():
     for raw in ("0", "-1"):
-        with pytest.raises(tg.ConfigError, match=f"LOGIT_SOFTCAP={float(raw)}: expected a positive number"):
+        with pytest.raises(tg.ConfigError, match=f"LOGIT_SOFTCAP={float(raw)}: expected a number > 0"):
             tg.Hyperparameters.from_env({"LOGIT_SOFTCAP": raw})
 
 

@@ -23,19 +23,20 @@ def test_a_binding_target_counts_the_code_bytes(run):
     assert free.returncode == 0, free.stderr
     unpruned = logged_int(free.stdout, "Serialized model int6\\+zstd: ")
     code = logged_int(free.stdout, "Code size: ")
-    assert code == len(tg.SOURCE)
+    assert code == tg.CODE_BYTES == len(tg.self_extracting(tg.SOURCE)) < len(tg.SOURCE)  # the counted form
     target = code + unpruned - 3000
     fitted = run(RUN_ID="fitted", TARGET_BYTES=str(target), **WIDE)
     assert fitted.returncode == 0, fitted.stderr
     artifact = logged_int(fitted.stdout, "Serialized model int6\\+zstd: ")
     assert logged_int(fitted.stdout, "Total submission size int6\\+zstd: ") == artifact + code <= target
+    assert artifact > target - len(tg.SOURCE), "fitted to TARGET_BYTES less the counted code, not less the raw source"
     assert (run.cwd / "logs/fitted.model.zst").stat().st_size == artifact
     zeroed = int(re.search(r"(\d+) quantised \+-1 values zeroed to fit TARGET_BYTES=", fitted.stdout).group(1))
     assert zeroed > 0
 
 
 def test_an_artifact_over_the_cap_is_never_written(tmp_path, monkeypatch):
-    over = tg.SIZE_CAP_BYTES - len(tg.SOURCE) + 1
+    over = tg.SIZE_CAP_BYTES - tg.CODE_BYTES + 1  # the code counted is the self-extracting form
     monkeypatch.setattr(tg, "fit_to_budget", lambda *args: (b"\0" * over, 0))
     h = tg.Hyperparameters()
     with pytest.raises(tg.RunError, match=r"total submission size 16000001 bytes is over the 16,000,000-byte cap by 1 bytes"):
@@ -47,7 +48,7 @@ def test_an_artifact_over_the_cap_is_never_written(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("target, message", [
-    ("1000", r"error: TARGET_BYTES=1000: expected at least \d+ \(the code, \d+ bytes, and an empty artifact\) and at most 16000000"),
+    ("1000", rf"error: TARGET_BYTES=1000: expected at least \d+ \(the code counted as its self-extracting form, {tg.CODE_BYTES} bytes, and an empty artifact\) and at most 16000000"),
     ("100000000", r"error: TARGET_BYTES=100000000: expected 1\.\.16000000 \(the size cap\)"),
 ])
 def test_a_target_that_cannot_be_met_is_refused_at_start(run, target, message):
@@ -136,7 +137,7 @@ def impossible_target_worker(rank, world_size, init_file, corpus, out_dir):
         torch.set_num_threads(1)
         data, tokenizer = corpus
         env = TINY_SETTINGS | WIDE | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), GRAD_ACCUM_STEPS="1",
-                                          TARGET_BYTES=str(len(tg.SOURCE) + 2000), ATTN_BACKEND="sdpa")
+                                          TARGET_BYTES=str(tg.CODE_BYTES + 2000), ATTN_BACKEND="sdpa")
         h = tg.Hyperparameters.from_env(env)
         rt = tg.Runtime(rank=rank, world_size=world_size, device=torch.device("cpu"),
                         micro_batch_seqs=h.train_batch_tokens // (world_size * h.train_seq_len), compile=False)
@@ -159,7 +160,7 @@ def test_an_impossible_target_fails_every_rank_with_rank_0s_reason(tmp_path, tin
 
 
 def test_an_impossible_target_under_torchrun_is_one_error_line(run):
-    result = run(nproc=2, RUN_ID="nofit", GRAD_ACCUM_STEPS="1", TARGET_BYTES=str(len(tg.SOURCE) + 2000), timeout=240, **WIDE)
+    result = run(nproc=2, RUN_ID="nofit", GRAD_ACCUM_STEPS="1", TARGET_BYTES=str(tg.CODE_BYTES + 2000), timeout=240, **WIDE)
     assert result.returncode != 0
     assert re.search(r"^error: the artifact cannot fit \d+ bytes even with all \d+ quantised \+-1 values zeroed", result.stderr, re.M), result.stderr
     assert (run.cwd / "logs/nofit.txt").read_text().rstrip().splitlines()[-1].startswith("error: the artifact cannot fit")
@@ -171,7 +172,7 @@ def test_rescoring_an_artifact_over_the_cap_is_refused_before_scoring(run):
     container = tg.pack_artifact({"noise": noise}, {"noise": ("fp32",)}, {}, {})
     path = run.cwd / "big.model.zst"
     path.write_bytes(tg.compress(container, level=1))
-    assert path.stat().st_size + len(tg.SOURCE) > tg.SIZE_CAP_BYTES
+    assert path.stat().st_size + tg.CODE_BYTES > tg.SIZE_CAP_BYTES
     result = run(RUN_ID="big", EVAL_ARTIFACT=str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.fullmatch(r"error: total submission size \d+ bytes is over the 16,000,000-byte cap by \d+ bytes",

@@ -65,7 +65,10 @@ def test_log_embeds_the_source_and_the_sizes_add_up(trained):
     artifact = int(re.search(r"^Serialized model int6\+zstd: (\d+) bytes$", text, re.M).group(1))
     code = int(re.search(r"^Code size: (\d+) bytes$", text, re.M).group(1))
     total = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes$", text, re.M).group(1))
-    assert artifact == (cwd / "logs/tiny.model.zst").stat().st_size and code == len(source) and total == artifact + code
+    # the code counted is the self-extracting form of the source; the next line names the source itself
+    assert code == len(tg.self_extracting(source)) < len(source)
+    assert f"\nCode size: {code} bytes\nCode source: {len(source)} bytes sha256:{hashlib.sha256(source).hexdigest()} (counted as its self-extracting form)\n" in text
+    assert artifact == (cwd / "logs/tiny.model.zst").stat().st_size and total == artifact + code
     assert "setting XSA_LAST_N=1" in text and "attention_backend:sdpa" in text and "gpu none (cpu)" in text
 
 

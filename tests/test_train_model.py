@@ -196,6 +196,7 @@ def test_rescoring_an_artifact_whose_mlp_cannot_be_fused_uses_the_plain_mlp(monk
     """MLP_KERNEL is resolved before the artifact's model settings are read; a leaky_relu2 artifact must
     not be scored by the relu^2 kernel."""
     h = tiny_h(mlp_kernel="triton", eval_artifact=str(tmp_path / "a.model.zst"))
+    (tmp_path / "a.model.zst").write_bytes(b"stand-in: load_artifact is replaced below")
     monkeypatch.setattr(tg, "load_artifact", lambda path: ({}, {"mlp_act": "leaky_relu2"}))
     built = []
 
