@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import REPO, TINY_SETTINGS
@@ -22,13 +23,25 @@ def last_line(path: Path) -> str:
     return path.read_text().rstrip("\n").splitlines()[-1]
 
 
-@pytest.mark.parametrize("run_id", ["../x", "/tmp/abs", "a/b", ".hidden", "..", "tab\there", "x" * 201, "naïve"])
-def test_run_id_must_be_a_plain_file_name(run, run_id):
-    result = run(RUN_ID=run_id)
+BAD_RUN_IDS = ["../x", "/tmp/abs", "a/b", ".hidden", "..", "tab\there", "x" * 201, "naïve"]
+
+
+@pytest.mark.parametrize("run_id", BAD_RUN_IDS)
+def test_run_id_must_be_a_plain_file_name(tmp_path, monkeypatch, run_id):
+    monkeypatch.chdir(tmp_path)
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
+    with pytest.raises(tg.ConfigError) as refused:
+        tg.claim_run_paths(tg.Hyperparameters(run_id=run_id), rt)
+    assert str(refused.value) == (f"RUN_ID={run_id!r}: expected a plain file name of letters, digits, '.', '_' and '-' "
+                                  "(at most 200, not starting with '.'); the run writes logs/<RUN_ID>.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_script_refuses_a_run_id_outside_logs_in_one_line(run):
+    result = run(RUN_ID="../x")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"error: RUN_ID={run_id!r}: expected a plain file name of letters, digits, '.', '_' and '-' "
-        "(at most 200, not starting with '.'); the run writes logs/<RUN_ID>.txt"]
+    assert result.stderr.strip().splitlines() == [f"error: RUN_ID='../x': expected a plain file name of letters, digits, "
+                                                  "'.', '_' and '-' (at most 200, not starting with '.'); the run writes logs/<RUN_ID>.txt"]
     assert not (run.cwd / "logs").exists() and not (run.cwd.parent / "x.txt").exists()
 
 
