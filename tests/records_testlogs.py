@@ -131,3 +131,14 @@ def write_april_log(path, *, seed=42, val_loss=2.31944212, val_bpb=1.05989454, s
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def run_tool(main, argv, capsys) -> tuple[int, str, str]:
+    """A records/ tool's main(argv) -> (exit status, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -56,17 +56,11 @@ def test_refuses_logs_without_step_lines(tmp_path, capsys):
 # Warnings for logs that cannot be shown, the later records' dialect, bad input
 # ---------------------------------------------------------------------------------------------
 
-from records_testlogs import write_april_log  # noqa: E402
+from records_testlogs import run_tool, write_april_log  # noqa: E402
 
 
 def run_compare(argv, capsys):
-    try:
-        compare.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_tool(compare.main, argv, capsys)
 
 
 def test_empty_and_unreadable_logs_get_a_warning_naming_them(tmp_path, capsys):

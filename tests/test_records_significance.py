@@ -134,18 +134,11 @@ def test_refuses_a_previous_record_without_val_loss_in_one_line(tmp_path, capsys
 # Tokenizers, single seeds, bad input
 # ---------------------------------------------------------------------------------------------
 
-from records_testlogs import write_april_log  # noqa: E402
+from records_testlogs import run_tool, write_april_log  # noqa: E402
 
 
 def run_main(argv, capsys):
-    """significance.main(argv) -> (exit status, stdout, stderr)."""
-    try:
-        significance.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_tool(significance.main, argv, capsys)
 
 
 def april_seeds(folder, bpbs=(1.05989454, 1.06125, 1.06209)):
