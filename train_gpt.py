@@ -286,8 +286,7 @@ def setting_names(legacy: bool = False) -> set[str]:
 
 def settings_help() -> str:
     """`train_gpt.py --help`: every setting with its default and the comment on its line of Hyperparameters."""
-    import re
-    source = Path(__file__).read_text()
+    source = SOURCE.decode("utf-8")  # the readable source, also when the self-extracting form runs
     body = source[source.index("class Hyperparameters"):source.index("    from_environment = frozenset()")]
     defaults = {f.name: f.default for f in fields(Hyperparameters)}
     lines = [__doc__.strip(), "",

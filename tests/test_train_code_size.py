@@ -114,3 +114,10 @@ def test_the_start_up_check_counts_the_form_not_the_raw_source():
         tg.check_budget(h)
     floor = int(re.search(r"at least (\d+)", str(e.value)).group(1))
     assert floor == tg.CODE_BYTES + len(tg.compress(tg.pack_artifact({}, {}, {}, {n: getattr(h, n) for n in tg.MODEL_SETTINGS}))) < len(tg.SOURCE)
+
+
+def test_the_form_prints_the_settings_help(wrapped):
+    """--help reads the settings' comments from the readable source, not from the two lines it runs from."""
+    result = subprocess.run([sys.executable, str(wrapped), "--help"], cwd=wrapped.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tg.settings_help() + "\n" and "  XSA_LAST_N=4" in result.stdout
