@@ -324,7 +324,7 @@ def nearest_setting(name: str) -> str:
 
 def setting_problem(name: str) -> str | None:
     """Why an environment variable that is not a setting must stop the run, or None if it is a setting or
-    unrelated (PATH, MAX_JOBS, LOCAL_RANK, ...). The rule (README.md, "Which environment variables stop a
+    unrelated (PATH, MAX_JOBS, LOCAL_RANK, ...). The rule (docs/SETTINGS.md, "Which environment variables stop a
     run"): a name that is not a setting is refused if, in upper case, it is a setting (iterations), a
     retired or other-script name (TTT_ENABLED, LR, EPOCHS), a near-spelling of a setting (XSA_LAST) or
     shares a distinctive word with one (MAX_WALLCLOCK, GRAD_CLIP); other programs' namespaces (NCCL_*) pass."""

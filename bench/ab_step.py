@@ -1,4 +1,4 @@
-"""Step time and train_loss of several copies of train_gpt.py (issue 6's A/B): 50 steps each, in one
+"""A/B of several copies of train_gpt.py: step time and train_loss, 50 steps each, in one
 process, same seed and batches (AB_STEPS to change); the record configuration unless the environment says otherwise.
 Prints the mean step time after the first 10 steps, the peak memory, the largest relative train_loss
 difference from the first copy, and the sliding-window evaluation throughput (64 windows per batch).

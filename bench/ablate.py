@@ -1,5 +1,5 @@
-"""Proxy ablations (issue 7), one run per GPU at a time: every ARM at every seed, each the 300 s proxy
-of ../shared/BENCH.md plus the arm's settings, then a markdown table of the submission score (int6
+"""Proxy ablations, one run per GPU at a time: every ARM at every seed, each the 300 s one-GPU proxy
+run (bench/RESULTS.md, command P) plus the arm's settings, then a markdown table of the submission score (int6
 round trip, sliding window) against the first arm.
 
     DATA_PATH=... TOKENIZER_PATH=... python3 bench/ablate.py --seeds 1337,42 \\

@@ -1,4 +1,4 @@
-"""How much of the optimiser's communication overlaps compute on several GPUs (issue 6). Run under
+"""How much of the optimiser's communication overlaps compute on several GPUs. Run under
 torchrun; the record configuration's 786,432 tokens per step split over the ranks:
 
     DATA_PATH=... TOKENIZER_PATH=... torchrun --standalone --nproc_per_node=2 bench/comm_overlap.py
@@ -6,7 +6,7 @@ torchrun; the record configuration's 786,432 tokens per step split over the rank
 Rank 0 prints the mean step time, then profiles two steps and prints, from the CUDA kernel trace:
 the NCCL kernels' total time, the part of it during which a non-NCCL kernel ran on another stream
 (overlapped), and the optimiser's share of the step. An NCCL kernel's time includes its wait for
-the other ranks. README.md ("Several GPUs") gives its figures from two H200s.
+the other ranks. bench/RESULTS.md ("Several GPUs") gives its figures from two H200s.
 """
 import json
 import os

@@ -1,4 +1,4 @@
-"""Export study (README "Export"): the normal run of train_gpt.py with its settings from the environment, then the
+"""Export study (bench/RESULTS.md, "The export"): the normal run of train_gpt.py with its settings from the environment, then the
 same post-average checkpoint exported with GPTQ-lite and round to nearest; bytes and sliding-window quantisation gaps.
 
     DATA_PATH=... TOKENIZER_PATH=... <proxy settings> python3 bench/export_study.py

@@ -1,4 +1,4 @@
-"""The optimiser step alone (issue 6), record model, random gradients, on one GPU: Newton-Schulz compiled
+"""The optimiser step alone, record model, random gradients, on one GPU: Newton-Schulz compiled
 plainly against compiled with CUDA graphs (mode "reduce-overhead"; training uses the first).
 For each, twice in turn: the step's wall time (synchronised before and after), the CPU time until
 step() returns (close to the wall time: the step is bound by launching kernels), Newton-Schulz's CPU

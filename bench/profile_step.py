@@ -1,4 +1,4 @@
-"""Where the time of one step goes (README "Measurements"): phases with a sync after each, the heaviest CUDA kernels,
+"""Where the time of one step goes (bench/RESULTS.md, "Where a step's time goes"): phases with a sync after each, the heaviest CUDA kernels,
 sliding-window evaluation throughput. Settings from the environment (defaults: the record configuration).
 
     DATA_PATH=... TOKENIZER_PATH=... python3 bench/profile_step.py

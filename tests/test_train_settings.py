@@ -79,7 +79,7 @@ def test_without_settings_keeps_only_what_the_script_ignores():
     assert tg.Hyperparameters.from_env(tg.without_settings(environ)) == tg.Hyperparameters()
 
 
-# ---- the name rule (README.md, "Settings"): refused with the nearest setting named, or passed untouched
+# ---- the name rule (docs/SETTINGS.md): refused with the nearest setting named, or passed untouched
 
 @pytest.mark.parametrize("name, message", [
     ("GRAD_CLIP", "did you mean GRAD_CLIP_NORM?"),
@@ -206,11 +206,11 @@ def test_every_setting_word_is_distinctive_or_listed_as_common():
         assert tg.name_words(name) & tg.distinctive_words() or name in ("DATA_PATH", "RUN_ID", "MODEL_DIM")
 
 
-def test_the_readme_states_the_rule_with_its_word_lists():
+def test_the_docs_state_the_rule_with_its_word_lists():
     import readme_settings
-    readme = (readme_settings.REPO / "README.md").read_text()
-    rule = readme[readme.index("### Which environment variables stop a run"):]
-    rule = rule[:rule.index("\n## ")]
+    docs = (readme_settings.REPO / "docs" / "SETTINGS.md").read_text()
+    rule = docs[docs.index("## Which environment variables stop a run"):]
+    assert "docs/SETTINGS.md" in (readme_settings.REPO / "README.md").read_text()
     for word in tg.COMMON_WORDS | tg.FOREIGN_PREFIXES | set(tg.ALIASES):
         assert f"`{word}`" in rule, word
 
