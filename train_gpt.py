@@ -122,7 +122,7 @@ class Hyperparameters:
 
     # ---- machine
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
-    attn_backend: str = "auto"       # auto (fa3 if importable, else sdpa) | fa3 | sdpa
+    attn_backend: str = "auto"       # auto (fa3 if importable, else sdpa) | fa3 | fa4 | sdpa
     mlp_kernel: str = "auto"         # auto (triton on a Hopper GPU with MLP_ACT=relu2, else torch) | triton | torch
     qk_kernel: str = "auto"          # q/k RMSNorm, rotary and gain: auto (triton on a Hopper GPU, else torch) | triton | torch
     xsa_kernel: str = "auto"         # exclusive self attention: auto (triton on a Hopper GPU, else torch) | triton | torch
@@ -157,7 +157,7 @@ class Hyperparameters:
         need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult}: expected MLP_MULT * MODEL_DIM >= 1 (the MLP hidden width)")
         need(1 <= self.target_bytes <= SIZE_CAP_BYTES, f"TARGET_BYTES={self.target_bytes}: expected 1..{SIZE_CAP_BYTES} (the size cap)")
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
-                   "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "sdpa"),
+                   "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
                    "xsa_kernel": ("auto", "triton", "torch")}
         for name, allowed in choices.items():
@@ -615,6 +615,12 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attention
 except ImportError:
     fa3_attention = None
+try:  # FlashAttention-4 (pip install flash-attn-4: CuTe DSL kernels for Hopper and Blackwell)
+    from flash_attn.cute import interface as fa4_interface
+    import importlib.metadata
+    FA4_VERSION = importlib.metadata.version("flash-attn-4")
+except Exception:  # not installed, or a build that cannot load on this machine
+    fa4_interface, FA4_VERSION = None, None
 try:  # Triton ships with PyTorch's CUDA builds: the fused MLP, q/k and XSA kernels (Hopper)
     import triton
     import triton.language as tl
@@ -784,6 +790,41 @@ class NormRotary(torch.autograd.Function):
         return grad_x, None if gain is None else gain_terms.view(-1, x.size(2)).sum(0), None, None, None
 
 
+@torch.library.custom_op("golf::fa4_attention", mutates_args=())
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """FlashAttention-4's causal forward in the (B, T, H, D) layout, GQA by head count, the mask aligned
+    to the last positions: (out, log-sum-exp (B, H, Tq)). A custom op, so that torch.compile keeps it whole."""
+    out, lse = fa4_interface._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@fa4_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q), q.new_empty((q.size(0), q.size(2), q.size(1)), dtype=torch.float32)
+
+
+@torch.library.custom_op("golf::fa4_attention_backward", mutates_args=())
+def fa4_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = fa4_interface._flash_attn_bwd(q, k, v, out, grad.contiguous(), lse, causal=True)[:3]
+    return dq, dk, dv
+
+
+@fa4_attention_backward.register_fake
+def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_save(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fa4_backward(ctx, grad: Tensor, grad_lse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return fa4_attention_backward(grad, *ctx.saved_tensors)  # lse is not an output the model uses
+
+
+fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_save)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     """q: (B, Tq, H, D), the last Tq of the T positions; k, v: (B, T, Hkv, D), Hkv dividing H.
     Returns (B, Tq, H, D)."""
@@ -791,6 +832,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     if backend == "fa3":  # its causal mask is aligned to the last positions
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
+    if backend == "fa4":  # so is FlashAttention-4's
+        return fa4_attention(q, k, v)[0]
     Tq, T = q.size(1), k.size(1)
     mask = None if Tq == T else torch.ones(Tq, T, dtype=torch.bool, device=q.device).tril(T - Tq)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -1909,10 +1952,14 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     if h.compile == "auto":
         h.compile = "1" if cuda else "0"
     hopper = cuda and torch.cuda.get_device_capability(device)[0] == 9
+    fa4_usable = fa4_interface is not None and cuda and torch.cuda.get_device_capability(device)[0] >= 9
     if h.attn_backend == "auto":
         h.attn_backend = "fa3" if fa3_attention is not None and hopper else "sdpa"
     elif h.attn_backend == "fa3" and not (fa3_attention is not None and hopper):
         raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
+    elif h.attn_backend == "fa4" and not fa4_usable:
+        raise ConfigError("ATTN_BACKEND=fa4 needs a Hopper or Blackwell GPU and the flash-attn-4 package "
+                          "(pip install flash-attn-4; FlashAttention-4)" + ("" if fa4_interface is not None else ": it does not import here"))
     # The Triton kernels: each runs where it fits, and an explicit "triton" that cannot run is refused.
     for name, fits, also in (("mlp_kernel", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
                                                                "(MLP_MULT x MODEL_DIM) multiples of 8"),
@@ -2072,7 +2119,8 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
     else:
         log("gpu none (cpu)")
     log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
-    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel} qk_kernel:{h.qk_kernel} xsa_kernel:{h.xsa_kernel}")
+    version = {"fa4": f" (flash-attn-4 {FA4_VERSION})", "sdpa": f" (torch {torch.__version__})"}.get(h.attn_backend, "")
+    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel} qk_kernel:{h.qk_kernel} xsa_kernel:{h.xsa_kernel}{version}")
     head_dim = h.model_dim // h.num_heads
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 

@@ -163,6 +163,68 @@ def test_fa3_backend_is_refused_without_fa3_on_a_hopper_gpu(monkeypatch):
         tg.setup_runtime(h, {})
 
 
+class ReferenceFA4:
+    """flash_attn.cute.interface's two entry points as the fa4 backend calls them, written out with the
+    contract of reference_fa3: _flash_attn_fwd returns (out, lse (B, H, Tq), ...) and _flash_attn_bwd
+    (dq, dk, dv) for the same causal attention; GQA by head count, k's and v's gradients of their shape."""
+
+    calls = []
+
+    @classmethod
+    def _flash_attn_fwd(cls, q, k, v, causal, return_lse):
+        assert return_lse and all(t.is_contiguous() for t in (q, k, v))
+        cls.calls.append("fwd")
+        out, lse = reference_fa3(q, k, v, causal)
+        return out, lse, None, None, None
+
+    @classmethod
+    def _flash_attn_bwd(cls, q, k, v, out, dout, lse, causal):
+        """The attention backward by hand: P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)),
+        dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D); a kv head's gradients sum over its query heads."""
+        assert causal
+        cls.calls.append("bwd")
+        B, Tq, H, D = q.shape
+        T, Hkv = k.size(1), k.size(2)
+        kr, vr = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) / D ** 0.5
+        P = torch.exp(scores - lse[..., None]).masked_fill(torch.arange(T)[None, :] > torch.arange(T - Tq, T)[:, None], 0.0)
+        dv = torch.einsum("bhqk,bqhd->bkhd", P, dout)
+        dS = P * (torch.einsum("bqhd,bkhd->bhqk", dout, vr) - (dout * out).sum(-1).transpose(1, 2)[..., None])
+        dq = torch.einsum("bhqk,bkhd->bqhd", dS, kr) / D ** 0.5
+        dk = torch.einsum("bhqk,bqhd->bkhd", dS, q) / D ** 0.5
+        group = lambda g: g.view(B, T, Hkv, H // Hkv, D).sum(3)
+        return dq, group(dk), group(dv)
+
+
+def test_fa4_backend_matches_sdpa_forward_and_backward_given_the_fa4_contract(monkeypatch):
+    """The fa4 branch (a custom op with its own backward, so that torch.compile keeps it whole) against
+    the SDPA branch: outputs and the gradients of q, k and v, all positions and a tail of queries."""
+    monkeypatch.setattr(tg, "fa4_interface", ReferenceFA4)
+    torch.manual_seed(5)
+    for tail in (9, 3):
+        grads = {}
+        for backend in ("fa4", "sdpa"):
+            q, k, v = (torch.randn(2, 9, heads, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
+                       for i, heads in enumerate((4, 2, 2)))
+            y = tg.causal_attention(q[:, -tail:].contiguous(), k, v, backend)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads[backend] = (y.detach(), q.grad, k.grad, v.grad)
+        for a, b in zip(grads["fa4"], grads["sdpa"]):
+            torch.testing.assert_close(a, b)
+    assert ReferenceFA4.calls == ["fwd", "bwd"] * 2
+
+
+def test_fa4_backend_is_refused_without_the_package_or_a_gpu(monkeypatch):
+    monkeypatch.setattr(tg, "fa4_interface", None)
+    h = tg.Hyperparameters.from_env({"ATTN_BACKEND": "fa4"})
+    with pytest.raises(tg.ConfigError, match=r"ATTN_BACKEND=fa4 needs a Hopper or Blackwell GPU and the flash-attn-4 package .*: it does not import here"):
+        tg.setup_runtime(h, {})
+    monkeypatch.setattr(tg, "fa4_interface", ReferenceFA4)
+    if not torch.cuda.is_available():
+        with pytest.raises(tg.ConfigError, match=r"ATTN_BACKEND=fa4 needs a Hopper or Blackwell GPU and the flash-attn-4 package \(pip install flash-attn-4; FlashAttention-4\)$"):
+            tg.setup_runtime(tg.Hyperparameters.from_env({"ATTN_BACKEND": "fa4"}), {})
+
+
 def test_triton_kernels_match_the_plain_paths_in_tritons_interpreter():
     """tests/triton_kernel_check.py under Triton's CPU interpreter: the kernels, Relu2MLP, NormRotary,
     ExclusiveSelfAttention, and the model with all three kernel settings at triton against the plain paths
