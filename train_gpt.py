@@ -481,8 +481,13 @@ def write_shard(path, tokens) -> None:
     write_atomic(path, header.tobytes(), tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
 
 
+# Per-token byte sidecars (fineweb_val_bytes_*.bin, beside the token shards): they match fineweb_val_*.bin
+# but are not token shards. Their format and rule: data/README.md.
+BYTE_SIDECAR_PREFIX = "fineweb_val_bytes_"
+
+
 def shard_files(pattern: str, what: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if not os.path.basename(f).startswith((BYTE_SIDECAR_PREFIX, "fineweb_train_bytes_")))
     if not files:
         raise DataError(f"no {what} shards match {pattern} (set DATA_PATH; see data/README.md)")
     return files
