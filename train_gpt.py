@@ -1516,7 +1516,11 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
         if fmt[0] != "int":
             continue
         w, bits, clip = state[name], fmt[1], fmt[2]
-        if clip < 1.0 or h.quant_method == "rtn":
+        if clip < 1.0 and h.quant_method == "gptq" and name in hessians:  # the tied embedding, as the output layer
+            scale = row_scales(w.float(), bits, clip)
+            quantized[name] = (gptq_round(w[None].to(hessians[name].device), hessians[name][None], scale[None].to(hessians[name].device),
+                                          bits, damp=h.gptq_damp)[0], scale)
+        elif clip < 1.0 or h.quant_method == "rtn":
             quantized[name] = quantize_rows(w, bits, clip)
         elif h.quant_method == "gptq" and name in hessians:
             batches.setdefault((tuple(w.shape), bits), []).append(name)
@@ -1561,9 +1565,18 @@ def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Line
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
-    """Sum of x x^T over the inputs x of every integer-exported Linear, from training batches, summed
-    over ranks (GPTQ calibration)."""
+    """Sum of x x^T over the inputs x of every integer-exported Linear, and of the output layer (the tied
+    embedding, when it is exported as integers), from training batches, summed over ranks (GPTQ calibration)."""
     hessians, hooks = {}, []
+    if export_format(h, "embed", model.tok_emb.weight.numel())[0] == "int":
+        H_out = hessians["tok_emb.weight"] = torch.zeros(h.model_dim, h.model_dim, device=rt.device)
+        logits = model.logits
+
+        def output_layer(x):
+            flat = x.detach().flatten(0, -2).float()
+            H_out.addmm_(flat.T, flat)
+            return logits(x)
+        model.logits = output_layer
     fused = [m for m in model.modules() if isinstance(m, MLP) and m.fused]
     for mlp in fused:  # the hooks need fc's and proj's own calls
         mlp.fused = False
@@ -1580,6 +1593,7 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
                 with autocast(rt):
                     model(x[micro], y[micro])
     finally:
+        model.__dict__.pop("logits", None)
         for hook in hooks:
             hook.remove()
         for mlp in fused:
