@@ -481,8 +481,13 @@ def write_shard(path, tokens) -> None:
     write_atomic(path, header.tobytes(), tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
 
 
+# Per-token byte sidecars (fineweb_val_bytes_*.bin, beside the token shards): they match fineweb_val_*.bin
+# but are not token shards. Their format and rule: data/README.md.
+BYTE_SIDECAR_PREFIX = "fineweb_val_bytes_"
+
+
 def shard_files(pattern: str, what: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if not os.path.basename(f).startswith((BYTE_SIDECAR_PREFIX, "fineweb_train_bytes_")))
     if not files:
         raise DataError(f"no {what} shards match {pattern} (set DATA_PATH; see data/README.md)")
     return files
@@ -558,6 +563,21 @@ def load_validation_tokens(h: Hyperparameters) -> Tensor:
     return torch.from_numpy(tokens.astype(np.int64))
 
 
+def load_validation_bytes(data_path: str) -> Tensor | None:
+    """The bytes of original text of each validation token, from the fineweb_val_bytes_*.bin sidecars
+    (shard format, one uint16 count per token), checked against the token shards; None without any."""
+    sidecars = sorted(glob.glob(os.path.join(data_path, BYTE_SIDECAR_PREFIX + "*.bin")))
+    if not sidecars:
+        return None
+    shards = shard_files(os.path.join(data_path, "fineweb_val_*.bin"), "validation")
+    if len(sidecars) != len(shards):
+        raise DataError(f"{data_path}: {len(sidecars)} byte sidecar(s) {BYTE_SIDECAR_PREFIX}*.bin but {len(shards)} validation shard(s): expected one per shard")
+    for sidecar, shard in zip(sidecars, shards):
+        if read_shard_header(sidecar) != read_shard_header(shard):
+            raise DataError(f"{sidecar}: {read_shard_header(sidecar)} byte counts, but {os.path.basename(shard)} holds {read_shard_header(shard)} tokens: expected one per token")
+    return torch.from_numpy(np.concatenate([load_shard(f) for f in sidecars]).astype(np.int32))
+
+
 # =============================================================================================
 # Metric: bytes per token from the SentencePiece model
 # =============================================================================================
@@ -565,13 +585,59 @@ def load_validation_tokens(h: Hyperparameters) -> Tensor:
 @dataclass
 class ByteTables:
     """Per token id: UTF-8 bytes without a leading space, whether a leading space ("▁") is counted, and
-    whether it is a boundary (control/unknown/unused, e.g. BOS) after which that space is not counted."""
+    whether it is a boundary (control/unknown/unused, e.g. BOS) after which that space is not counted.
+    `transformed`: the tokenizer has user-defined pieces (the markers of a text transform such as the
+    case transform), so its pieces do not spell the original text and the bytes must come from a sidecar.
+    `position_bytes`: per validation position, the sidecar's bytes (then the tables are not used)."""
     base_bytes: Tensor
     leading_space: Tensor
     boundary: Tensor
+    transformed: bool = False
+    position_bytes: Tensor | None = None
+    source: str = "tokenizer pieces"
 
     def to(self, device) -> ByteTables:
-        return ByteTables(self.base_bytes.to(device), self.leading_space.to(device), self.boundary.to(device))
+        position_bytes = None if self.position_bytes is None else self.position_bytes.to(device)
+        return ByteTables(self.base_bytes.to(device), self.leading_space.to(device), self.boundary.to(device),
+                          self.transformed, position_bytes, self.source)
+
+
+MAX_VOCAB_SIZE = 65_536  # shards store token ids as uint16
+
+
+def user_defined_pieces(model_proto: bytes) -> list[int]:
+    """Ids of the USER_DEFINED pieces (type 4) of a serialized SentencePiece ModelProto (field 1: the pieces,
+    each with field 3: the type), read from the protobuf wire format directly."""
+    def varint(buf: bytes, i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            b = buf[i]
+            value, shift, i = value | (b & 0x7F) << shift, shift + 7, i + 1
+            if b < 0x80:
+                return value, i
+
+    def fields(buf: bytes):
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            kind = key & 7
+            if kind == 0:
+                value, i = varint(buf, i)
+            elif kind == 2:
+                n, i = varint(buf, i)
+                value, i = buf[i:i + n], i + n
+            else:
+                n = {1: 8, 5: 4}[kind]
+                value, i = buf[i:i + n], i + n
+            yield key >> 3, value
+
+    found, index = [], 0
+    for number, value in fields(model_proto):
+        if number == 1:
+            if any(n == 3 and v == 4 for n, v in fields(value)):
+                found.append(index)
+            index += 1
+    return found
 
 
 def build_byte_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
@@ -586,6 +652,8 @@ def build_byte_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
         raise DataError(f"{path}: not a SentencePiece model ({reason}); set TOKENIZER_PATH to the .model file") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"{path}: {vocab_size} pieces; expected at most {MAX_VOCAB_SIZE} (shards store token ids as uint16)")
     base = np.zeros(vocab_size, dtype=np.int64)
     leading = np.zeros(vocab_size, dtype=bool)
     boundary = np.zeros(vocab_size, dtype=bool)
@@ -598,11 +666,29 @@ def build_byte_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
             piece = sp.id_to_piece(i)
             leading[i] = piece.startswith("\u2581")
             base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
-    return ByteTables(torch.from_numpy(base), torch.from_numpy(leading), torch.from_numpy(boundary))
+    transformed = bool(user_defined_pieces(sp.serialized_model_proto()))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(leading), torch.from_numpy(boundary), transformed)
 
 
-def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
-    """Bytes of each target token given the token before it."""
+def with_byte_sidecar(tables: ByteTables, data_path: str, n_tokens: int) -> ByteTables:
+    """The tables with the validation sidecar's bytes when DATA_PATH has one (always, for a transformed
+    tokenizer); `source` says where the bytes come from, for the log."""
+    counts = load_validation_bytes(data_path)
+    if counts is None:
+        if tables.transformed:
+            raise DataError(f"{data_path}: the tokenizer has user-defined pieces (a transform such as the case transform: its pieces "
+                            f"do not spell the original text), so the metric needs the byte sidecars {BYTE_SIDECAR_PREFIX}*.bin beside the validation shards")
+        return tables
+    if len(counts) < n_tokens:
+        raise DataError(f"{data_path}: the byte sidecars hold {len(counts)} counts for {n_tokens} validation tokens")
+    return ByteTables(tables.base_bytes, tables.leading_space, tables.boundary, tables.transformed, counts[:n_tokens],
+                      f"sidecar {os.path.join(data_path, BYTE_SIDECAR_PREFIX)}*.bin ({int(counts[:n_tokens].sum())} bytes)")
+
+
+def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables, positions: Tensor | None = None) -> Tensor:
+    """Bytes of each target token given the token before it, or the sidecar's at the targets' positions."""
+    if tables.position_bytes is not None and positions is not None:
+        return tables.position_bytes[positions].long()
     space = tables.leading_space[target] & ~tables.boundary[prev]
     return tables.base_bytes[target] + space.long()
 
@@ -1473,7 +1559,11 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
         if fmt[0] != "int":
             continue
         w, bits, clip = state[name], fmt[1], fmt[2]
-        if clip < 1.0 or h.quant_method == "rtn":
+        if clip < 1.0 and h.quant_method == "gptq" and name in hessians:  # the tied embedding, as the output layer
+            scale = row_scales(w.float(), bits, clip)
+            quantized[name] = (gptq_round(w[None].to(hessians[name].device), hessians[name][None], scale[None].to(hessians[name].device),
+                                          bits, damp=h.gptq_damp)[0], scale)
+        elif clip < 1.0 or h.quant_method == "rtn":
             quantized[name] = quantize_rows(w, bits, clip)
         elif h.quant_method == "gptq" and name in hessians:
             batches.setdefault((tuple(w.shape), bits), []).append(name)
@@ -1518,9 +1608,18 @@ def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Line
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
-    """Sum of x x^T over the inputs x of every integer-exported Linear, from training batches, summed
-    over ranks (GPTQ calibration)."""
+    """Sum of x x^T over the inputs x of every integer-exported Linear, and of the output layer (the tied
+    embedding, when it is exported as integers), from training batches, summed over ranks (GPTQ calibration)."""
     hessians, hooks = {}, []
+    if export_format(h, "embed", model.tok_emb.weight.numel())[0] == "int":
+        H_out = hessians["tok_emb.weight"] = torch.zeros(h.model_dim, h.model_dim, device=rt.device)
+        logits = model.logits
+
+        def output_layer(x):
+            flat = x.detach().flatten(0, -2).float()
+            H_out.addmm_(flat.T, flat)
+            return logits(x)
+        model.logits = output_layer
     fused = [m for m in model.modules() if isinstance(m, MLP) and m.fused]
     for mlp in fused:  # the hooks need fc's and proj's own calls
         mlp.fused = False
@@ -1537,6 +1636,7 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
                 with autocast(rt):
                     model(x[micro], y[micro])
     finally:
+        model.__dict__.pop("logits", None)
         for hook in hooks:
             hook.remove()
         for mlp in fused:
@@ -1829,7 +1929,7 @@ class Evaluator:
         self.h, self.rt = h, rt
         self.token_nll = torch.compile(model.token_nll, dynamic=False, fullgraph=True) if rt.compile else model.token_nll
         self.tokens = val_tokens.to(rt.device)
-        self.tables = tables.to(rt.device)
+        self.tables = with_byte_sidecar(tables, h.data_path, len(val_tokens)).to(rt.device)
 
     @torch.no_grad()
     def prime(self) -> float:
@@ -1887,10 +1987,11 @@ class Evaluator:
         all_s, all_f = torch.from_numpy(all_s).to(device), torch.from_numpy(all_f).to(device)
         for i in range(0, len(starts), batch):
             s, f = all_s[i:i + batch], all_f[i:i + batch]
-            rows = self.tokens[s[:, None] + offsets]
+            index = s[:, None] + offsets
+            rows = self.tokens[index]
             nll = self._nll(rows, tail)
             scored = positions[None, :] >= f[:, None]
-            n_bytes = target_bytes(rows[:, -tail - 1:-1], rows[:, -tail:], self.tables)
+            n_bytes = target_bytes(rows[:, -tail - 1:-1], rows[:, -tail:], self.tables, index[:, -tail:])
             totals += torch.stack([(nll.double() * scored).sum(), scored.sum().double(), (n_bytes * scored).sum().double()])
         return totals
 
@@ -2336,6 +2437,7 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
     routes = route_parameters(model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} xsa_layers:{h.xsa_last_n} weight_avg:{h.weight_avg}")
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
+    log(f"val_bytes: from the {evaluator.tables.source}")
     state, formats, quantized, hessians = train(model, routes, evaluator, h, rt, log)
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
@@ -2434,6 +2536,7 @@ def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     model.load_state_dict(state)
     log_sizes(log, path.stat().st_size)
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
+    log(f"val_bytes: from the {evaluator.tables.source}")
     log(f"scoring graphs compiled in {evaluator.prime():.1f}s")
     log_final_scores(log, evaluator, h)
 

@@ -10,6 +10,8 @@ Source: the dataset repository willdepueoai/parameter-golf, folder datasets/, dr
                                                              "stats": {"files_train": N, "files_val": M, ...}}],
                                                "tokenizers": [{"name": T, "model_path": ..., "vocab_path": ...}]
     datasets/fineweb10B_<variant>/fineweb_val_%06d.bin, fineweb_train_%06d.bin
+    datasets/fineweb10B_<variant>/fineweb_val_bytes_%06d.bin   byte sidecars, where the dataset entry lists them
+                                               under "files" or counts them as stats.files_val_bytes
     tokenizers/<the tokenizer's files>
     docs_selected.jsonl, docs_selected.source_manifest.json     (the documents the shards were made from)
 Each file lands at the same relative path under --output-root (default: this data/ directory), so the shards
@@ -20,6 +22,10 @@ against "bytes" where a dataset entry of the manifest lists {"name", "bytes"} un
 against its size (train_gpt.read_shard_header), JSON files and tokenizers by loading them. A complete valid file
 is skipped; an invalid one is downloaded again. Downloads go to <name>.part and are renamed when complete, so
 an interrupted run leaves only .part files, which the next run resumes (HTTP Range) or restarts.
+
+Other repositories of the same layout (--repo-id): kevclark/parameter-golf (sp4096, sp8192) and
+romeerp/parameter-golf-caseops-v1 (the case-transformed sp8192 with byte sidecars); see docs/VOCAB.md. A byte
+sidecar must hold one count per token of its validation shard (checked after every run, like the files).
 
 Only the standard library is used (urllib). Set HF_ENDPOINT for a Hugging Face mirror, or --base-url for any
 other copy: an http(s) URL, a local directory or a file:// URL of a folder laid out as above.
@@ -255,12 +261,30 @@ def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool) -> li
     if not tokenizer_files:
         raise DownloadError(f"manifest tokenizer {tokenizer_name!r}: no model_path / vocab_path / path to download")
 
-    shards = [f"fineweb_{split}_{i:06d}.bin" for split, count in (("val", files_val), ("train", train_shards))
-              for i in range(count)]
+    prefix = train_gpt.BYTE_SIDECAR_PREFIX
+    listed = {f["name"] for f in dataset.get("files", []) if isinstance(f, dict) and str(f.get("name", "")).startswith(prefix)}
+    try:
+        listed |= {f"{prefix}{i:06d}.bin" for i in range(int(stats.get("files_val_bytes") or 0))}
+    except (TypeError, ValueError):
+        raise DownloadError(f"manifest entry {name}: stats.files_val_bytes {stats.get('files_val_bytes')!r}: expected a number") from None
+    sidecars = sorted(listed)
+    if sidecars and sidecars != [f"{prefix}{i:06d}.bin" for i in range(files_val)]:
+        raise DownloadError(f"manifest entry {name}: {len(sidecars)} byte sidecar(s) {prefix}*.bin for {files_val} "
+                            f"validation shard(s): expected {prefix}000000.bin ... one per shard")
+    shards = [f"fineweb_val_{i:06d}.bin" for i in range(files_val)] + sidecars + [f"fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files = [(f"datasets/{name}/{shard}", sizes.get(shard)) for shard in shards]
     files += [(path, None) for path in tokenizer_files]
     files += [(path, None) for path in DOCS_FILES] if with_docs else []
     return files
+
+
+def check_sidecar(path: Path) -> None:
+    """A byte sidecar holds one count per token of its validation shard (fetched before it)."""
+    shard = path.with_name(path.name.replace(train_gpt.BYTE_SIDECAR_PREFIX, "fineweb_val_"))
+    counts, tokens = train_gpt.read_shard_header(path), train_gpt.read_shard_header(shard)
+    if counts != tokens:
+        raise DownloadError(f"{path}: {counts} byte counts, but {shard.name} holds {tokens} tokens: expected one per token "
+                            "(the source's sidecar does not belong to its shard)")
 
 
 def download(variant: str, train_shards: int, with_docs: bool, output_root: Path, source, log=print) -> dict:
@@ -274,6 +298,8 @@ def download(variant: str, train_shards: int, with_docs: bool, output_root: Path
     counts = {"present": 0, "downloaded": 0, "resumed": 0}
     for i, (rel, size) in enumerate(files, start=1):
         outcome = fetch(source, rel, output_root / rel, size, log)
+        if Path(rel).name.startswith(train_gpt.BYTE_SIDECAR_PREFIX):
+            check_sidecar(output_root / rel)
         counts[outcome] += 1
         log(f"[{i}/{len(files)}] {outcome:<10} {rel}")
     log(f"{len(files)} files in {output_root} ({counts['downloaded']} downloaded, {counts['resumed']} resumed, "

@@ -113,3 +113,13 @@ def test_script_reports_bad_input_in_one_line(run, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "fineweb_val_000000.bin: 10 bytes, shorter than" in lines[0]
+
+
+def test_byte_sidecars_are_not_token_shards(tmp_path):
+    """fineweb_val_bytes_*.bin (per-token byte counts) matches fineweb_val_*.bin but is not a shard of tokens."""
+    tg.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(100) % 7)
+    tg.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(100, 300))
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(50) % 7)
+    tg.write_shard(tmp_path / "fineweb_train_bytes_000000.bin", np.full(50, 300))
+    assert tg.load_validation_tokens(make_h(tmp_path, vocab_size=7, eval_seq_len=64)).tolist() == (np.arange(100) % 7).tolist()
+    assert tg.TokenStream(str(tmp_path / "fineweb_train_*.bin"), 7).files == [str(tmp_path / "fineweb_train_000000.bin")]

@@ -105,3 +105,27 @@ def test_calibration_and_quantisation_are_charged_to_the_training_clock(run):
     assert int(stop.group(1)) + reserved <= 2000 and total_ms <= 2000
     assert abs(total_ms - (train_ms + quant_ms)) <= 1  # each figure is rounded to a whole millisecond
     assert "int" in log and re.search(r"^artifact: .*\(gptq; 0 quantised \+-1 values zeroed", log, re.M)
+
+
+def test_gptq_rounds_the_tied_embedding_against_its_output_inputs():
+    """With QUANT_METHOD=gptq the tied embedding is quantised by GPTQ with the Hessian of the output layer's
+    inputs (collect_hessians adds it): the logits' error on those inputs is below round-to-nearest's."""
+    from test_train_eval import CpuRuntime
+    from test_train_model import tiny_h
+    torch.manual_seed(0)
+    h = tiny_h(quant_method="gptq", embed_bits=7, vocab_size=1100)  # 1100 x 64 > SMALL_TENSOR_NUMEL: exported as integers
+    model = tg.build_model(h)
+    x = torch.randint(0, 1100, (2, 1, 32))
+    hessians = tg.collect_hessians(model, [(x, x)], h, CpuRuntime())
+    assert hessians["tok_emb.weight"].shape == (64, 64) and "logits" not in model.__dict__
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    formats = {k: tg.export_format(h, tg.route_parameters(model)[k], v.numel()) for k, v in state.items()}
+    assert formats["tok_emb.weight"] == ("int", 7, tg.EMBED_CLIP_QUANTILE)
+    with torch.no_grad():
+        inputs = model.trunk(x[0])[0]
+    w = state["tok_emb.weight"].float()
+    gptq = tg.dequantize_rows(*tg.quantize_state(state, formats, h, hessians)["tok_emb.weight"])
+    rtn = tg.dequantize_rows(*tg.quantize_rows(w, 7, tg.EMBED_CLIP_QUANTILE))
+    error = lambda q: (inputs @ (q - w).T).square().sum().item()
+    assert error(gptq) < 0.9 * error(rtn)
+    assert tg.Hyperparameters.from_env({"EMBED_BITS": "7"}).embed_bits == 7  # allowed (2..8)
