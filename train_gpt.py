@@ -57,19 +57,19 @@ class Hyperparameters:
     num_kv_heads: int = 4            # grouped-query attention: num_heads must be a multiple
     mlp_mult: float = 3.0            # MLP hidden width = mlp_mult * model_dim
     mlp_act: str = "relu2"           # relu2 | leaky_relu2 (LeakyReLU(0.5)^2, PR #1125)
-    logit_softcap: float = 20.0      # logits = c * tanh(z / c) (30 in the 1.1271 record; 20: PR #1125, and the proxy ablation)
+    logit_softcap: float = 20.0      # logits = c * tanh(z / c) (1.1271 record: 30; 20 from PR #1125 and the proxy)
     # The records build rotary for a hard-coded length of 1024 and NTK-rescale the base at 2048, which
     # gives 10000 * 2**(64/62) = 20452; here the base is the one actually used, at every length.
     rope_base: float = 20452.0       # rotary base, the one actually used (see above)
     rope_dims: int = 0               # rotary on the first ROPE_DIMS dims of each head; 0 = all
     ln_scale: bool = False           # scale each block's normalised input by 1/sqrt(layer+1)
-    qk_gain_init: float = 4.0        # initial per-head gain on the queries (1.5 in the 1.1271 record; 4.0: PR #1125, and the proxy ablation)
+    qk_gain_init: float = 4.0        # initial per-head query gain (1.1271 record: 1.5; 4.0 from PR #1125 and the proxy)
     xsa_last_n: int = 4              # exclusive self attention on the last N blocks (0..NUM_LAYERS)
     bigram_vocab_size: int = 2048    # BigramHash rows; 0 = off
     bigram_dim: int = 128            # width of a BigramHash row
     ve_layers: str = ""              # value embeddings added to v in these blocks, e.g. "9,10"; "" = off
     ve_dim: int = 128                # width of a value-embedding row
-    residual_dtype: str = "bf16"     # bf16 | fp32: the residual stream under CUDA autocast (fp32 = the record scripts)
+    residual_dtype: str = "bf16"     # bf16 | fp32 (the records): the residual stream under CUDA autocast
     tied_embed_init_std: float = 0.005  # init std of the tied embedding
 
     # ---- training schedule
@@ -101,16 +101,17 @@ class Hyperparameters:
     ema_decay: float = 0.997         # shadow <- decay * shadow + (1 - decay) * weights, every step
     swa_every: int = 50              # steps between SWA snapshots ...
     swa_threshold: float = 0.5       # ... once the LR scale is below this (PR #265)
-    late_qat_threshold: float = 0.0  # fake-quantise matrices once the LR scale is below this; 0 = off
+    late_qat_threshold: float = 0.0  # fake-quantise matrices once the LR scale is below it; 0 = off
 
     # ---- export
     # int5 with GPTQ: on a 300 s proxy checkpoint int6 everywhere made 17.9 MB (see README.md)
     attn_bits: int = 5               # per-row integer width of attention matrices
     mlp_bits: int = 5                # ... of MLP matrices
     embed_bits: int = 8              # ... of embedding tables
-    quant_method: str = "gptq"       # rtn (row max) | gptq_lite (best clip per row) | gptq (+ Hessian rounding)
-    gptq_calib_batches: int = 1      # training batches (TRAIN_BATCH_TOKENS each) for the GPTQ Hessians
+    quant_method: str = "gptq"       # rtn (row max) | gptq_lite (best clip a row) | gptq (+ Hessian rounding)
+    gptq_calib_batches: int = 1      # training batches (of TRAIN_BATCH_TOKENS) for GPTQ's Hessians
     gptq_damp: float = 0.01          # GPTQ damping, times the mean Hessian diagonal
+    gptq_embed: bool = False         # GPTQ for the tied embedding too (its output-layer inputs' Hessian)
     target_bytes: int = 16_000_000   # artifact + code; quantised +-1 values are zeroed until it fits
 
     # ---- evaluation and logging
@@ -122,10 +123,10 @@ class Hyperparameters:
 
     # ---- machine
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
-    attn_backend: str = "auto"       # auto (fa3 if importable, else sdpa) | fa3 | fa4 | sdpa
-    mlp_kernel: str = "auto"         # auto (triton on a Hopper GPU with MLP_ACT=relu2, else torch) | triton | torch
-    qk_kernel: str = "auto"          # q/k RMSNorm, rotary and gain: auto (triton on a Hopper GPU, else torch) | triton | torch
-    xsa_kernel: str = "auto"         # exclusive self attention: auto (triton on a Hopper GPU, else torch) | triton | torch
+    attn_backend: str = "auto"       # auto (fa3, else fa4, else sdpa) | fa3 | fa4 | sdpa
+    mlp_kernel: str = "auto"         # auto (triton on Hopper with MLP_ACT=relu2) | triton | torch
+    qk_kernel: str = "auto"          # q/k RMSNorm, rotary, gain: auto (triton on Hopper) | triton | torch
+    xsa_kernel: str = "auto"         # exclusive self attention: auto (triton on Hopper) | triton | torch
 
     from_environment = frozenset()   # (not a setting) the names set in the environment, see from_env
 
@@ -1608,18 +1609,17 @@ def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Line
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
-    """Sum of x x^T over the inputs x of every integer-exported Linear, and of the output layer (the tied
-    embedding, when it is exported as integers), from training batches, summed over ranks (GPTQ calibration)."""
+    """Sum of x x^T over the inputs x of every integer-exported Linear, and with GPTQ_EMBED of the output
+    layer (the tied embedding, when it is exported as integers), from training batches, summed over ranks
+    (GPTQ calibration)."""
     hessians, hooks = {}, []
-    if export_format(h, "embed", model.tok_emb.weight.numel())[0] == "int":
+    if h.gptq_embed and export_format(h, "embed", model.tok_emb.weight.numel())[0] == "int":
         H_out = hessians["tok_emb.weight"] = torch.zeros(h.model_dim, h.model_dim, device=rt.device)
-        logits = model.logits
 
-        def output_layer(x):
-            flat = x.detach().flatten(0, -2).float()
-            H_out.addmm_(flat.T, flat)
-            return logits(x)
-        model.logits = output_layer
+        def output_inputs(module, args, out):  # the output layer reads rms_norm of the last block's output
+            x = rms_norm(out.detach().float()).flatten(0, -2)
+            H_out.addmm_(x.T, x)
+        hooks.append(model.blocks[-1].register_forward_hook(output_inputs))
     fused = [m for m in model.modules() if isinstance(m, MLP) and m.fused]
     for mlp in fused:  # the hooks need fc's and proj's own calls
         mlp.fused = False
@@ -1636,7 +1636,6 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
                 with autocast(rt):
                     model(x[micro], y[micro])
     finally:
-        model.__dict__.pop("logits", None)
         for hook in hooks:
             hook.remove()
         for mlp in fused:
@@ -2043,6 +2042,22 @@ class Runtime:
         return self.rank == 0
 
 
+def choose_attention(setting: str, major: int) -> str:
+    """ATTN_BACKEND for a GPU of this major compute capability (0: no GPU). auto: FlashAttention-3 on
+    Hopper, else FlashAttention-4 on Hopper or later (faster than SDPA, bench/RESULTS.md), else SDPA.
+    An explicit choice that cannot run here is refused."""
+    fa3 = fa3_attention is not None and major == 9
+    fa4 = fa4_interface is not None and major >= 9
+    if setting == "auto":
+        return "fa3" if fa3 else "fa4" if fa4 else "sdpa"
+    if setting == "fa3" and not fa3:
+        raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
+    if setting == "fa4" and not fa4:
+        raise ConfigError("ATTN_BACKEND=fa4 needs a Hopper or Blackwell GPU and the flash-attn-4 package "
+                          "(pip install flash-attn-4; FlashAttention-4)" + ("" if fa4_interface is not None else ": it does not import here"))
+    return setting
+
+
 def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     """Distributed and compile setup in one place; resolves the "auto" settings in h (they are logged)."""
     world_size, rank = int(environ.get("WORLD_SIZE", "1")), int(environ.get("RANK", "0"))
@@ -2053,14 +2068,7 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     if h.compile == "auto":
         h.compile = "1" if cuda else "0"
     hopper = cuda and torch.cuda.get_device_capability(device)[0] == 9
-    fa4_usable = fa4_interface is not None and cuda and torch.cuda.get_device_capability(device)[0] >= 9
-    if h.attn_backend == "auto":
-        h.attn_backend = "fa3" if fa3_attention is not None and hopper else "sdpa"
-    elif h.attn_backend == "fa3" and not (fa3_attention is not None and hopper):
-        raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
-    elif h.attn_backend == "fa4" and not fa4_usable:
-        raise ConfigError("ATTN_BACKEND=fa4 needs a Hopper or Blackwell GPU and the flash-attn-4 package "
-                          "(pip install flash-attn-4; FlashAttention-4)" + ("" if fa4_interface is not None else ": it does not import here"))
+    h.attn_backend = choose_attention(h.attn_backend, torch.cuda.get_device_capability(device)[0] if cuda else 0)
     # The Triton kernels: each runs where it fits, and an explicit "triton" that cannot run is refused.
     for name, fits, also in (("mlp_kernel", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
                                                                "(MLP_MULT x MODEL_DIM) multiples of 8"),

@@ -225,6 +225,22 @@ def test_fa4_backend_is_refused_without_the_package_or_a_gpu(monkeypatch):
             tg.setup_runtime(tg.Hyperparameters.from_env({"ATTN_BACKEND": "fa4"}), {})
 
 
+@pytest.mark.parametrize("fa3, fa4, major, chosen", [
+    (True, True, 9, "fa3"), (False, True, 9, "fa4"), (False, True, 10, "fa4"), (True, True, 10, "fa4"),
+    (False, False, 9, "sdpa"), (True, True, 8, "sdpa"), (True, True, 0, "sdpa")])
+def test_auto_attention_takes_fa3_then_fa4_then_sdpa(monkeypatch, fa3, fa4, major, chosen):
+    monkeypatch.setattr(tg, "fa3_attention", reference_fa3 if fa3 else None)
+    monkeypatch.setattr(tg, "fa4_interface", ReferenceFA4 if fa4 else None)
+    assert tg.choose_attention("auto", major) == chosen
+    assert tg.choose_attention("sdpa", major) == "sdpa"
+    for explicit in ("fa3", "fa4"):
+        if explicit == chosen or (explicit == "fa4" and fa4 and major >= 9):
+            assert tg.choose_attention(explicit, major) == explicit
+        else:
+            with pytest.raises(tg.ConfigError, match=f"ATTN_BACKEND={explicit} needs"):
+                tg.choose_attention(explicit, major)
+
+
 def test_triton_kernels_match_the_plain_paths_in_tritons_interpreter():
     """tests/triton_kernel_check.py under Triton's CPU interpreter: the kernels, Relu2MLP, NormRotary,
     ExclusiveSelfAttention, and the model with all three kernel settings at triton against the plain paths

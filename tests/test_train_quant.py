@@ -108,7 +108,7 @@ def test_calibration_and_quantisation_are_charged_to_the_training_clock(run):
 
 
 def test_gptq_rounds_the_tied_embedding_against_its_output_inputs():
-    """With QUANT_METHOD=gptq the tied embedding is quantised by GPTQ with the Hessian of the output layer's
+    """With QUANT_METHOD=gptq and GPTQ_EMBED=1 the tied embedding is quantised by GPTQ with the Hessian of the output layer's
     inputs (collect_hessians adds it): the logits' error on those inputs is below round-to-nearest's."""
     from test_train_eval import CpuRuntime
     from test_train_model import tiny_h
@@ -116,8 +116,13 @@ def test_gptq_rounds_the_tied_embedding_against_its_output_inputs():
     h = tiny_h(quant_method="gptq", embed_bits=7, vocab_size=1100)  # 1100 x 64 > SMALL_TENSOR_NUMEL: exported as integers
     model = tg.build_model(h)
     x = torch.randint(0, 1100, (2, 1, 32))
+    assert "tok_emb.weight" not in tg.collect_hessians(model, [(x, x)], h, CpuRuntime())  # off by default: round to nearest
+    h = tiny_h(quant_method="gptq", embed_bits=7, vocab_size=1100, gptq_embed=True)
     hessians = tg.collect_hessians(model, [(x, x)], h, CpuRuntime())
-    assert hessians["tok_emb.weight"].shape == (64, 64) and "logits" not in model.__dict__
+    assert hessians["tok_emb.weight"].shape == (64, 64)
+    with torch.no_grad():  # exactly the output layer's inputs, summed over both micro-steps
+        expected = torch.cat([model.trunk(x[0]), model.trunk(x[1])]).flatten(0, -2)
+    torch.testing.assert_close(hessians["tok_emb.weight"], expected.T @ expected, rtol=1e-4, atol=1e-4)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     formats = {k: tg.export_format(h, tg.route_parameters(model)[k], v.numel()) for k, v in state.items()}
     assert formats["tok_emb.weight"] == ("int", 7, tg.EMBED_CLIP_QUANTILE)
