@@ -24,6 +24,16 @@ def test_defaults_are_the_1_1271_record_run():
     assert (h.max_wallclock_seconds, h.eval_stride, h.train_batch_tokens, h.train_seq_len) == (600, 64, 786432, 2048)
 
 
+def test_the_defaults_that_differ_from_the_record_are_the_ones_the_docstring_names():
+    h, doc = tg.Hyperparameters(), tg.Hyperparameters.__doc__
+    differ = {"LOGIT_SOFTCAP": (h.logit_softcap, 20.0, "20"), "QK_GAIN_INIT": (h.qk_gain_init, 4.0, "4.0"),
+              "RESIDUAL_DTYPE": (h.residual_dtype, "bf16", "bf16")}
+    for name, (value, expected, written) in differ.items():
+        assert value == expected and f"{name} {written}" in doc
+    assert (h.quant_method, h.attn_bits, h.mlp_bits) == ("gptq", 5, 5) and "GPTQ with int5 block matrices" in doc
+    assert h.rope_base == round(10000 * 2 ** (64 / 62)) and "ROPE_BASE" in doc  # 1024-trained rotary NTK-scaled to 2048
+
+
 def test_record_environment_lines_mean_what_they_meant():
     assert tg.Hyperparameters.from_env(env(RECORD_1271)) == tg.Hyperparameters()
     h = tg.Hyperparameters.from_env(env("SWA_ENABLED=1 SWA_EVERY=120 XSA_LAST_N=3"))
