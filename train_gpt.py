@@ -847,7 +847,7 @@ def norm_rotary(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start:
     rows, half, rest = x.numel() // x.size(-1), cos.size(-1), x.size(-1) - 2 * cos.size(-1)
     out = torch.empty_like(x)
     gain_grad = x.new_empty(rows if grad is not None and gain is not None else 0, dtype=torch.float32)
-    block = 16  # rows per program, 4 warps: at the H100's memory bandwidth from 8 to 64 rows
+    block = 16  # rows per program, 4 warps: at memory bandwidth anywhere from 8 to 64 rows
     norm_rotary_kernel[(triton.cdiv(rows, block),)](
         x, x if grad is None else grad.contiguous(), x if gain is None else gain, cos, sin, out, gain_grad,
         rows, x.size(1), x.size(2), start, D=x.size(-1), HALF=half, HALF_P2=triton.next_power_of_2(half),
@@ -2003,8 +2003,8 @@ class Evaluator:
 # =============================================================================================
 
 # The training loop gives up this multiple of the (warm) export quantisation's time, or the cold time if
-# that is less. On the H100 and 2xH200 runs of 2026-11-22 the export after training took 0.83-1.46x the
-# warm time, and always less than the cold one. A run whose training and export go over the cap fails.
+# that is less: the export after training took up to about 1.5x the warm time, and never longer than the
+# cold one (bench/RESULTS.md, "The export's time reserve"). A run whose training and export go over the cap fails.
 RESERVE_FACTOR = 2.0
 
 
@@ -2088,7 +2088,7 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     if h.compile == "1":
         import torch._inductor.config as inductor
         # Its mix-order reductions (RMSNorm backward fused with the mixing vectors' per-channel
-        # gradient sums) ran about 10x below memory bandwidth on the H100: 768.6 -> 694.5 ms/step off.
+        # gradient sums) ran far below memory bandwidth on the H100 (bench/RESULTS.md, "Step time").
         if hasattr(inductor.triton, "mix_order_reduction"):
             inductor.triton.mix_order_reduction = False
     if cuda:
@@ -2121,8 +2121,8 @@ def rank_max(value: float, rt: Runtime) -> float:
 class StepRecords:
     """Per-step figures that every rank must agree on (train_loss, elapsed time), averaged over ranks
     and read one step late: the host waits for step k-1 while step k is already queued, so the GPU
-    never idles between steps. (A host sync after each step cost 1.7 ms of the 86 ms of one H100's
-    share of the record step.)"""
+    never idles between steps (a host sync after each step cost a measurable part of a step,
+    bench/RESULTS.md)."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
