@@ -689,7 +689,7 @@ def with_byte_sidecar(tables: ByteTables, data_path: str, n_tokens: int) -> Byte
                       f"sidecar {os.path.join(data_path, BYTE_SIDECAR_PREFIX)}*.bin ({int(counts[:n_tokens].sum())} bytes)")
 
 
-def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables, positions: Tensor | None = None) -> Tensor:
+def token_bytes(prev: Tensor, target: Tensor, tables: ByteTables, positions: Tensor | None = None) -> Tensor:
     """Bytes of each target token given the token before it, or the sidecar's at the targets' positions."""
     if tables.position_bytes is not None and positions is not None:
         return tables.position_bytes[positions].long()
@@ -1993,7 +1993,7 @@ class Evaluator:
             rows = self.tokens[index]
             nll = self._nll(rows, tail)
             scored = positions[None, :] >= f[:, None]
-            n_bytes = target_bytes(rows[:, -tail - 1:-1], rows[:, -tail:], self.tables, index[:, -tail:])
+            n_bytes = token_bytes(rows[:, -tail - 1:-1], rows[:, -tail:], self.tables, index[:, -tail:])
             totals += torch.stack([(nll.double() * scored).sum(), scored.sum().double(), (n_bytes * scored).sum().double()])
         return totals
 

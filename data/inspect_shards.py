@@ -40,7 +40,7 @@ def scored_bytes(tokens: np.ndarray, tables: train_gpt.ByteTables, previous: int
     stream = torch.from_numpy(tokens.astype(np.int64))
     if previous is not None:
         stream = torch.cat([torch.tensor([previous]), stream])
-    return int(train_gpt.target_bytes(stream[:-1], stream[1:], tables).sum())
+    return int(train_gpt.token_bytes(stream[:-1], stream[1:], tables).sum())
 
 
 # =============================================================================================

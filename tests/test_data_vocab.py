@@ -56,7 +56,7 @@ def test_sidecar_equals_the_table_bytes_without_a_transform(tmp_path):
     assert manifest["stats"]["files_val_bytes"] == manifest["stats"]["files_val"] >= 2
     tables = tg.build_byte_tables(str(tok), 300)
     assert not tables.transformed
-    expected = np.concatenate([[0], tg.target_bytes(torch.from_numpy(tokens[:-1]), torch.from_numpy(tokens[1:]), tables).numpy()])
+    expected = np.concatenate([[0], tg.token_bytes(torch.from_numpy(tokens[:-1]), torch.from_numpy(tokens[1:]), tables).numpy()])
     np.testing.assert_array_equal(counts, expected)
 
 
@@ -72,8 +72,8 @@ def test_a_transformed_tokenizer_scores_the_original_bytes(tmp_path):
     with_sidecar = tg.with_byte_sidecar(tables, str(out), len(tokens))
     positions = torch.arange(1, len(tokens))
     t = torch.from_numpy(tokens)
-    assert int(tg.target_bytes(t[:-1], t[1:], with_sidecar, positions).sum()) == original
-    assert int(tg.target_bytes(t[:-1], t[1:], tables).sum()) > original  # the pieces spell the markers too
+    assert int(tg.token_bytes(t[:-1], t[1:], with_sidecar, positions).sum()) == original
+    assert int(tg.token_bytes(t[:-1], t[1:], tables).sum()) > original  # the pieces spell the markers too
     assert "sidecar" in with_sidecar.source
 
 

@@ -38,7 +38,7 @@ def naive_scores(model, tokens, tables, window, stride):
         for pos in range(window):
             if start + pos >= scored_until:  # target index start + pos + 1 not yet scored
                 loss += nll[pos].item()
-                n_bytes += tg.target_bytes(x[pos:pos + 1], y[pos:pos + 1], tables).item()
+                n_bytes += tg.token_bytes(x[pos:pos + 1], y[pos:pos + 1], tables).item()
                 count += 1
         scored_until = start + window
         start += stride

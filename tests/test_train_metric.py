@@ -15,7 +15,7 @@ def sp_and_tables(tiny_corpus):
 
 
 def piece_bytes(tables, prev, target):
-    return int(tg.target_bytes(torch.tensor([prev]), torch.tensor([target]), tables)[0])
+    return int(tg.token_bytes(torch.tensor([prev]), torch.tensor([target]), tables)[0])
 
 
 def test_leading_space_counts_after_ordinary_tokens_but_not_after_bos(sp_and_tables):
@@ -43,7 +43,7 @@ def test_document_bytes_equal_its_utf8_length(sp_and_tables, text):
     sp, tables = sp_and_tables
     ids = [tg.BOS_ID] + sp.encode(text)
     assert any(sp.is_byte(i) for i in ids) == (not text.isascii())  # unseen CJK needs byte fallback
-    total = tg.target_bytes(torch.tensor(ids[:-1]), torch.tensor(ids[1:]), tables).sum().item()
+    total = tg.token_bytes(torch.tensor(ids[:-1]), torch.tensor(ids[1:]), tables).sum().item()
     assert total == len(text.encode("utf-8"))
 
 
