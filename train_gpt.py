@@ -1649,6 +1649,17 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
     return hessians
 
 
+@dataclass
+class Export:
+    """The export quantisation's result, what the artifact is packed from: CPU weights, each tensor's
+    storage format, the integer tensors (values, fp16 row scales), and the GPTQ Hessians by which
+    fit_to_budget weighs what it zeroes."""
+    state: dict[str, Tensor]
+    formats: dict[str, tuple]
+    quantized: dict[str, tuple[Tensor, Tensor]]
+    hessians: dict[str, Tensor]
+
+
 # What an artifact may make the loader allocate, checked before anything is decompressed or built.
 # A compressed artifact is at most SIZE_CAP_BYTES. Every weight is stored as at least one byte (int8,
 # even at the narrowest setting, 2 bits), and 2-bit weights compress best: zstd stores int2-rounded
@@ -1868,12 +1879,11 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
     return packed, k
 
 
-def export_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
-                    h: Hyperparameters, hessians: dict[str, Tensor], path: Path, budget: int) -> tuple[int, int]:
+def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int]:
     """Pack, fit to the byte budget, compress and write (temporary name, then rename).
     Returns (artifact bytes, quantised values zeroed to fit)."""
     config = {name: getattr(h, name) for name in MODEL_SETTINGS}  # no paths, nothing but the model's shape
-    blob, pruned = fit_to_budget(state, formats, quantized, config, hessians, budget)
+    blob, pruned = fit_to_budget(export.state, export.formats, export.quantized, config, export.hessians, budget)
     check_size_cap(len(blob) + CODE_BYTES)  # an artifact over the cap never gets a name
     write_atomic(path, blob)
     return len(blob), pruned
@@ -2298,18 +2308,18 @@ def on_master(rt: Runtime, work):
     return result
 
 
-def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runtime) -> tuple:
+def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runtime) -> Export:
     """The export quantisation, which may use training data (GPTQ calibration), so it runs inside the
-    training budget. Returns (CPU state, formats, quantised tensors, Hessians)."""
+    training budget."""
     routes = route_parameters(model)
     state = {name: t.detach().float() for name, t in model.state_dict().items()}
     formats = {name: export_format(h, routes[name], t.numel()) for name, t in state.items()}
     hessians = collect_hessians(model, batches, h, rt) if h.quant_method == "gptq" else {}
     quantized = quantize_state(state, formats, h, hessians)
-    return {name: t.cpu() for name, t in state.items()}, formats, quantized, hessians
+    return Export({name: t.cpu() for name, t in state.items()}, formats, quantized, hessians)
 
 
-def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> tuple:
+def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> Export:
     """Train until ITERATIONS or the time cap, load the weight average, and quantise for export inside
     the training budget. Returns quantize_for_export's result."""
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
@@ -2430,7 +2440,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     set_late_qat(model, False)
 
     export, quantization_ms = timed_quantization()
-    check_storable(*export[:3])  # every rank holds the same weights: all stop together
+    check_storable(export.state, export.formats, export.quantized)  # every rank holds the same weights: all stop together
     total_ms = rank_max(training_ms + quantization_ms, rt)  # the slowest rank's: every rank passes or fails together
     log(f"training_budget: train_time:{training_ms:.0f}ms quantisation:{quantization_ms:.0f}ms "
         f"total:{total_ms:.0f}ms cap:{cap_ms:.0f}ms method:{h.quant_method} "
@@ -2449,11 +2459,11 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
     log(f"model_params:{sum(p.numel() for p in model.parameters())} xsa_layers:{h.xsa_last_n} weight_avg:{h.weight_avg}")
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
     log(f"val_bytes: from the {evaluator.tables.source}")
-    state, formats, quantized, hessians = train(model, routes, evaluator, h, rt, log)
+    export = train(model, routes, evaluator, h, rt, log)
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
-    _, zeroed = on_master(rt, lambda: export_artifact(state, formats, quantized, h, hessians, artifact_path, h.target_bytes - CODE_BYTES))
+    _, zeroed = on_master(rt, lambda: export_artifact(export, h, artifact_path, h.target_bytes - CODE_BYTES))
     log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
     state, _ = load_artifact(artifact_path)  # the score is always that of the bytes on disk
     model.load_state_dict(state)

@@ -17,12 +17,13 @@ def capture_train(model, routes, evaluator, h, rt, log):
 def variants(log_, evaluator, h_):
     final_scores(log_, evaluator, h_)
     h, log, model, ev, routes = seen["h"], seen["log"], seen["model"], seen["evaluator"], seen["routes"]
-    state, formats, quantized, hessians = seen["export"]
-    code = len(tg.SOURCE)
+    export = seen["export"]
+    state, formats, hessians = export.state, export.formats, export.hessians
+    code = tg.CODE_BYTES
     for method in ("gptq_lite", "rtn"):
         hm = dataclasses.replace(h, quant_method=method)
         t0 = time.time(); q = tg.quantize_state({k: v.cuda() for k, v in state.items()}, formats, hm, hessians); tq = time.time() - t0
-        blob, zeroed = tg.fit_to_budget(state, formats, q, dataclasses.asdict(hm), hessians, h.target_bytes - code)
+        blob, zeroed = tg.fit_to_budget(state, formats, q, {n: getattr(hm, n) for n in tg.MODEL_SETTINGS}, hessians, h.target_bytes - code)
         loaded, _ = tg.unpack_artifact(tg.zstandard.ZstdDecompressor().decompress(blob))
         model.load_state_dict(loaded)
         _, flat, _ = ev.score(False)

@@ -16,8 +16,7 @@ def export(path: Path, h: tg.Hyperparameters | None = None, **kw) -> tg.Hyperpar
     h = h or tiny_h(**(SETTINGS | kw))
     model = tg.build_model(h)
     rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
-    state, formats, quantized, hessians = tg.quantize_for_export(model, [], h, rt)
-    tg.export_artifact(state, formats, quantized, h, hessians, path, budget=10**9)
+    tg.export_artifact(tg.quantize_for_export(model, [], h, rt), h, path, budget=10**9)
     return h
 
 

@@ -61,8 +61,7 @@ def test_the_average_is_what_gets_exported(tmp_path):
     tg.require_zstandard()
     path = tmp_path / "m.model.zst"
     rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
-    state, formats, quantized, hessians = tg.quantize_for_export(model, [], h, rt)
-    tg.export_artifact(state, formats, quantized, h, hessians, path, budget=10**9)
+    tg.export_artifact(tg.quantize_for_export(model, [], h, rt), h, path, budget=10**9)
     state, _ = tg.load_artifact(path)
     for (name, _), start in zip(model.named_parameters(), initial):
         torch.testing.assert_close(state[name], start + 0.5, atol=2e-3, rtol=2e-3, msg=name)  # fp16 / int8 rounding

@@ -40,10 +40,10 @@ def test_an_artifact_over_the_cap_is_never_written(tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "fit_to_budget", lambda *args: (b"\0" * over, 0))
     h = tg.Hyperparameters()
     with pytest.raises(tg.RunError, match=r"total submission size 16000001 bytes is over the 16,000,000-byte cap by 1 bytes"):
-        tg.export_artifact({}, {}, {}, h, {}, tmp_path / "run.model.zst", budget=10**9)
+        tg.export_artifact(tg.Export({}, {}, {}, {}), h, tmp_path / "run.model.zst", budget=10**9)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(tg, "fit_to_budget", lambda *args: (b"\0" * (over - 1), 0))
-    tg.export_artifact({}, {}, {}, h, {}, tmp_path / "run.model.zst", budget=10**9)
+    tg.export_artifact(tg.Export({}, {}, {}, {}), h, tmp_path / "run.model.zst", budget=10**9)
     assert (tmp_path / "run.model.zst").stat().st_size == over - 1
 
 

@@ -392,7 +392,7 @@ def train_tiny(shards, **kw):
     log = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tg, "WeightAverager", RecordingAverager)
-        state, _, _, _ = tg.train(model, tg.route_parameters(model), StubEvaluator(), h, rt, log.append)
+        state = tg.train(model, tg.route_parameters(model), StubEvaluator(), h, rt, log.append).state
     assert [u[0] for u in updates] == list(range(1, ITERATIONS + 1))
     for step, lr_scale, _ in updates:
         assert lr_scale == pytest.approx(lr_at(step - 1))
