@@ -2321,7 +2321,7 @@ def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runti
 
 def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> Export:
     """Train until ITERATIONS or the time cap, load the weight average, and quantise for export inside
-    the training budget. Returns quantize_for_export's result."""
+    the training budget. Returns the Export of quantize_for_export."""
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     orthogonalize = torch.compile(newton_schulz, dynamic=False, fullgraph=True) if rt.compile else newton_schulz
     loader = TrainLoader(h, rt)
