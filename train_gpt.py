@@ -240,31 +240,23 @@ RETIRED_PREFIXES = {
 }
 # Other training scripts' names for what is spelled differently here (where the word rule below would
 # not name the right setting); they stop the run with the setting to use.
-ALIASES = {
-    "LR": "use MATRIX_LR (Muon, block matrices), SCALAR_LR or TIED_EMBED_LR (AdamW)",
-    "LEARNING_RATE": "use MATRIX_LR (Muon, block matrices), SCALAR_LR or TIED_EMBED_LR (AdamW)",
-    "MUON_LR": "use MATRIX_LR (Muon, block matrices)",
-    "ADAM_LR": "use SCALAR_LR or TIED_EMBED_LR (AdamW)",
-    "WD": "use MUON_WD (Muon) and ADAM_WD (AdamW)",
-    "WEIGHT_DECAY": "use MUON_WD (Muon) and ADAM_WD (AdamW)",
-    "EPOCHS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
-    "NUM_EPOCHS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
-    "MAX_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
-    "MAX_ITERS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
-    "NUM_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
-    "TRAIN_STEPS": "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)",
-    "WARMUP_ITERS": "use WARMUP_STEPS (compile priming) or MUON_MOMENTUM_WARMUP_STEPS; the LR has no warm-up",
-    "BATCH_SIZE": "use TRAIN_BATCH_TOKENS (global tokens per step) or EVAL_BATCH_SEQS",
-    "MICRO_BATCH_SIZE": "use GRAD_ACCUM_STEPS (micro-steps per rank; TRAIN_BATCH_TOKENS is split over them)",
-    "SEQ_LEN": "use TRAIN_SEQ_LEN (training) or EVAL_SEQ_LEN (evaluation windows)",
-    "BLOCK_SIZE": "use TRAIN_SEQ_LEN (training) or EVAL_SEQ_LEN (evaluation windows)",
-    "DATA_DIR": "use DATA_PATH (the folder of the fineweb_{train,val}_*.bin shards)",
-    "DATASET": "use DATA_PATH (the folder of the fineweb_{train,val}_*.bin shards)",
-    "RUN_NAME": "use RUN_ID (names logs/<RUN_ID>.txt)",
-    "EMA": "use WEIGHT_AVG=ema (the default) and EMA_DECAY",
-    "SWA": "use WEIGHT_AVG=swa, SWA_EVERY and SWA_THRESHOLD",
-    "QAT": "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)",
-}
+ALIASES = {name: hint for names, hint in (
+    (("LR", "LEARNING_RATE"), "use MATRIX_LR (Muon, block matrices), SCALAR_LR or TIED_EMBED_LR (AdamW)"),
+    (("MUON_LR",), "use MATRIX_LR (Muon, block matrices)"),
+    (("ADAM_LR",), "use SCALAR_LR or TIED_EMBED_LR (AdamW)"),
+    (("WD", "WEIGHT_DECAY"), "use MUON_WD (Muon) and ADAM_WD (AdamW)"),
+    (("EPOCHS", "NUM_EPOCHS", "MAX_STEPS", "MAX_ITERS", "NUM_STEPS", "TRAIN_STEPS"),
+     "use ITERATIONS (training steps; MAX_WALLCLOCK_SECONDS usually ends training first)"),
+    (("WARMUP_ITERS",), "use WARMUP_STEPS (compile priming) or MUON_MOMENTUM_WARMUP_STEPS; the LR has no warm-up"),
+    (("BATCH_SIZE",), "use TRAIN_BATCH_TOKENS (global tokens per step) or EVAL_BATCH_SEQS"),
+    (("MICRO_BATCH_SIZE",), "use GRAD_ACCUM_STEPS (micro-steps per rank; TRAIN_BATCH_TOKENS is split over them)"),
+    (("SEQ_LEN", "BLOCK_SIZE"), "use TRAIN_SEQ_LEN (training) or EVAL_SEQ_LEN (evaluation windows)"),
+    (("DATA_DIR", "DATASET"), "use DATA_PATH (the folder of the fineweb_{train,val}_*.bin shards)"),
+    (("RUN_NAME",), "use RUN_ID (names logs/<RUN_ID>.txt)"),
+    (("EMA",), "use WEIGHT_AVG=ema (the default) and EMA_DECAY"),
+    (("SWA",), "use WEIGHT_AVG=swa, SWA_EVERY and SWA_THRESHOLD"),
+    (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)"),
+) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
 # GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
 COMMON_WORDS = frozenset({
@@ -288,19 +280,31 @@ def setting_names(legacy: bool = False) -> set[str]:
     return names | set(LEGACY_SETTINGS) if legacy else names
 
 
+def settings_source_lines() -> list[tuple[str, str, str]]:
+    """Hyperparameters as written, from the readable source (also when the self-extracting form runs):
+    ("group", title, "") for each "# ---- title" line, ("setting", name, comment) for each field.
+    `--help` and the README's settings table (tests/readme_settings.py) are made from it."""
+    source = SOURCE.decode("utf-8")
+    body = source[source.index("class Hyperparameters"):source.index("    from_environment = frozenset()")]
+    lines = []
+    for line in body.splitlines():
+        if group := re.match(r"    # ---- (.*)", line):
+            lines.append(("group", group.group(1), ""))
+        elif field := re.match(r"    (\w+): \w+ = [^#]+?\s*(?:#\s*(.*))?$", line):
+            lines.append(("setting", field.group(1), field.group(2) or ""))
+    return lines
+
+
 def settings_help() -> str:
     """`train_gpt.py --help`: every setting with its default and the comment on its line of Hyperparameters."""
-    source = SOURCE.decode("utf-8")  # the readable source, also when the self-extracting form runs
-    body = source[source.index("class Hyperparameters"):source.index("    from_environment = frozenset()")]
     defaults = {f.name: f.default for f in fields(Hyperparameters)}
     lines = [__doc__.strip(), "",
              "Settings are environment variables (NAME=value), shown with their defaults; see README.md for the",
              "rule that refuses names that look like settings but are not. The only arguments are --help and -h."]
-    for line in body.splitlines():
-        if group := re.match(r"    # ---- (.*)", line):
-            lines += ["", f"{group.group(1)}:"]
-        elif field := re.match(r"    (\w+): \w+ = [^#]+?\s*(?:#\s*(.*))?$", line):
-            name, comment = field.groups()
+    for kind, name, comment in settings_source_lines():
+        if kind == "group":
+            lines += ["", f"{name}:"]
+        else:
             default = int(defaults[name]) if isinstance(defaults[name], bool) else defaults[name]
             lines.append(f"  {name.upper()}={default}".ljust(48) + (f"  # {comment}" if comment else ""))
     return "\n".join(lines)
@@ -1882,8 +1886,7 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
 def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int]:
     """Pack, fit to the byte budget, compress and write (temporary name, then rename).
     Returns (artifact bytes, quantised values zeroed to fit)."""
-    config = {name: getattr(h, name) for name in MODEL_SETTINGS}  # no paths, nothing but the model's shape
-    blob, pruned = fit_to_budget(export.state, export.formats, export.quantized, config, export.hessians, budget)
+    blob, pruned = fit_to_budget(export.state, export.formats, export.quantized, model_settings(h), export.hessians, budget)
     check_size_cap(len(blob) + CODE_BYTES)  # an artifact over the cap never gets a name
     write_atomic(path, blob)
     return len(blob), pruned
@@ -2280,7 +2283,7 @@ def check_size_cap(total_bytes: int) -> None:
 
 def check_budget(h: Hyperparameters) -> None:
     """At start: TARGET_BYTES must hold the code and at least an empty artifact container."""
-    floor = CODE_BYTES + len(compress(pack_artifact({}, {}, {}, {name: getattr(h, name) for name in MODEL_SETTINGS})))
+    floor = CODE_BYTES + len(compress(pack_artifact({}, {}, {}, model_settings(h))))
     if h.target_bytes < floor:
         raise ConfigError(f"TARGET_BYTES={h.target_bytes}: expected at least {floor} (the code counted as its self-extracting form, {CODE_BYTES} bytes, "
                           f"and an empty artifact) and at most {SIZE_CAP_BYTES}")
@@ -2477,6 +2480,11 @@ MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_
                   "bigram_dim", "ve_layers", "ve_dim", "residual_dtype")
 
 
+def model_settings(h: Hyperparameters) -> dict:
+    """The settings an artifact stores: the model's shape, no paths."""
+    return {name: getattr(h, name) for name in MODEL_SETTINGS}
+
+
 # Model settings that are sizes (a count of blocks, heads, rows or columns) or scales of the model: at least 1, resp. above 0.
 POSITIVE_MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
                            "bigram_dim", "ve_dim")
@@ -2509,7 +2517,7 @@ def stored_model_settings(config: dict, h: Hyperparameters, source: str) -> dict
             need(value > 0, f"{shown}: expected a positive number")
         values[name] = value
     try:
-        settings = Hyperparameters(**({name: getattr(h, name) for name in MODEL_SETTINGS} | values))  # the rest: defaults
+        settings = Hyperparameters(**(model_settings(h) | values))  # the rest: defaults
         settings.validate()
     except ConfigError as e:
         raise DataError(f"{source}: stored model settings: {e}") from None

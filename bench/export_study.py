@@ -23,7 +23,7 @@ def variants(log_, evaluator, h_):
     for method in ("gptq_lite", "rtn"):
         hm = dataclasses.replace(h, quant_method=method)
         t0 = time.time(); q = tg.quantize_state({k: v.cuda() for k, v in state.items()}, formats, hm, hessians); tq = time.time() - t0
-        blob, zeroed = tg.fit_to_budget(state, formats, q, {n: getattr(hm, n) for n in tg.MODEL_SETTINGS}, hessians, h.target_bytes - code)
+        blob, zeroed = tg.fit_to_budget(state, formats, q, tg.model_settings(hm), hessians, h.target_bytes - code)
         loaded, _ = tg.unpack_artifact(tg.zstandard.ZstdDecompressor().decompress(blob))
         model.load_state_dict(loaded)
         _, flat, _ = ev.score(False)

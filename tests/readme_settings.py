@@ -2,7 +2,6 @@
 defaults and line comments). `python tests/readme_settings.py` rewrites the table in README.md;
 tests/test_train_settings.py checks that it is current."""
 import dataclasses
-import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,18 +12,15 @@ def settings_table() -> str:
     import sys
     sys.path.insert(0, str(REPO))
     import train_gpt
-    source = (REPO / "train_gpt.py").read_text()
-    body = source[source.index("class Hyperparameters"):source.index("    from_environment = frozenset()")]
     defaults = {f.name: f.default for f in dataclasses.fields(train_gpt.Hyperparameters)}
     rows = ["| setting | default | meaning |", "|---|---|---|"]
-    for line in body.splitlines():
-        if group := re.match(r"    # ---- (.*)", line):
-            rows.append(f"| **{group.group(1)}** | | |")
-        elif field := re.match(r"    (\w+): \w+ = [^#]+?\s*(?:#\s*(.*))?$", line):
-            name, comment = field.groups()
+    for kind, name, comment in train_gpt.settings_source_lines():
+        if kind == "group":
+            rows.append(f"| **{name}** | | |")
+        else:
             default = defaults[name]
             shown = f"`{default}`" if not isinstance(default, str) or default else '""'
-            rows.append(f"| `{name.upper()}` | {shown} | {(comment or '').replace('|', 'or')} |")
+            rows.append(f"| `{name.upper()}` | {shown} | {comment.replace('|', 'or')} |")
     return "\n".join(rows)
 
 
