@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +66,15 @@ class Hyperparameters:
     rope_base: float = 20452.0       # rotary base, the one actually used (see above)
     rope_dims: int = 0               # rotary on the first ROPE_DIMS dims of each head; 0 = all
     ln_scale: bool = False           # scale each block's normalised input by 1/sqrt(layer+1)
-    qk_gain_init: float = 4.0        # initial per-head query gain (1.1271 record: 1.5; 4.0 from PR #1125 and the proxy)
     xsa_last_n: int = 4              # exclusive self attention on the last N blocks (0..NUM_LAYERS)
     bigram_vocab_size: int = 2048    # BigramHash rows; 0 = off
     bigram_dim: int = 128            # width of a BigramHash row
     ve_layers: str = ""              # value embeddings added to v in these blocks, e.g. "9,10"; "" = off
     ve_dim: int = 128                # width of a value-embedding row
     residual_dtype: str = "bf16"     # bf16 | fp32 (the records): the residual stream under CUDA autocast
+
+    # ---- initialisation
+    qk_gain_init: float = 4.0        # initial per-head query gain (1.1271 record: 1.5; 4.0 from PR #1125 and the proxy)
     tied_embed_init_std: float = 0.005  # init std of the tied embedding
 
     # ---- training schedule
@@ -168,7 +170,7 @@ class Hyperparameters:
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} is not a multiple of NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} is not a multiple of NUM_KV_HEADS={self.num_kv_heads}")
-        head_dim = self.model_dim // self.num_heads
+        head_dim = self.head_dim
         need(head_dim % 2 == 0, f"head dim {head_dim} (MODEL_DIM / NUM_HEADS) must be even for rotary")
         need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim}")
         need(0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n}: expected 0..NUM_LAYERS={self.num_layers}")
@@ -184,6 +186,10 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_batch_seqs", "train_log_every",
                      "gptq_calib_batches", "target_bytes"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)}: expected a positive number")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
 
     def value_embedding_layers(self) -> list[int]:
         try:
@@ -293,6 +299,17 @@ def settings_source_lines() -> list[tuple[str, str, str]]:
         elif field := re.match(r"    (\w+): \w+ = [^#]+?\s*(?:#\s*(.*))?$", line):
             lines.append(("setting", field.group(1), field.group(2) or ""))
     return lines
+
+
+def settings_groups() -> list[tuple[str, str]]:
+    """(group title, setting name) for every setting, in the order of Hyperparameters."""
+    group, pairs = "", []
+    for kind, name, _ in settings_source_lines():
+        if kind == "group":
+            group = name
+        else:
+            pairs.append((group, name))
+    return pairs
 
 
 def settings_help() -> str:
@@ -540,7 +557,7 @@ class TrainLoader:
         self.stream = TokenStream(os.path.join(h.data_path, "fineweb_train_*.bin"), h.vocab_size)
         self.batch_tokens, self.rank, self.device = h.train_batch_tokens, rt.rank, rt.device
         self.rank_tokens = h.train_batch_tokens // rt.world_size
-        self.shape = (h.grad_accum_steps, rt.micro_batch_seqs, h.train_seq_len)
+        self.shape = (rt.grad_accum_steps, rt.micro_batch_seqs, h.train_seq_len)
         self.last = self.stream.take(1)
         pinned = rt.device.type == "cuda"
         self.host = torch.empty(self.rank_tokens + 1, dtype=torch.int32, pin_memory=pinned)
@@ -735,6 +752,17 @@ ROUTES = {
 }
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """How the model's fused parts run, chosen once at start-up (choose_kernels) and handed to the modules:
+    the attention backend (sdpa | fa3 | fa4) and, for the MLP, the q/k preparation and XSA, "triton" (the
+    kernels section) or "torch" (the plain code in this section, the reference the kernels are tested against)."""
+    attention: str = "sdpa"
+    mlp: str = "torch"
+    qk: str = "torch"
+    xsa: str = "torch"
+
+
 def tagged(param: nn.Parameter, role: str) -> nn.Parameter:
     assert role in ROUTES, role
     param.role = role
@@ -789,7 +817,7 @@ class Rotary(nn.Module):
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        head_dim = h.model_dim // h.num_heads
+        head_dim = h.head_dim
         self.dims = h.rope_dims or head_dim
         inv_freq = 1.0 / h.rope_base ** (torch.arange(0, self.dims, 2, dtype=torch.float64) / self.dims)
         angles = torch.outer(torch.arange(max(h.train_seq_len, h.eval_seq_len), dtype=torch.float64), inv_freq)
@@ -1007,10 +1035,10 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int):
+    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
         super().__init__()
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
-        self.head_dim = h.model_dim // h.num_heads
+        self.head_dim = h.head_dim
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = Linear(h, h.model_dim, h.model_dim, "attn", "ortho")
         self.c_k = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
@@ -1019,9 +1047,9 @@ class Attention(nn.Module):
         self.q_gain = tagged(nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init)), "control")
         self.rotary = Rotary(h)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
-        self.backend = h.attn_backend
-        self.qk_fused = h.qk_kernel == "triton"  # NormRotary
-        self.xsa_fused = h.xsa_kernel == "triton"  # ExclusiveSelfAttention
+        self.backend = kernels.attention
+        self.qk_fused = kernels.qk == "triton"  # NormRotary
+        self.xsa_fused = kernels.xsa == "triton"  # ExclusiveSelfAttention
 
     def forward(self, x: Tensor, value_embed: Tensor | None, tail: int) -> Tensor:
         """The outputs of the last `tail` positions, attending to all T."""
@@ -1126,30 +1154,34 @@ def relu2_mlp_fits(h: Hyperparameters) -> bool:
 
 
 class MLP(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, kernels: Kernels):
         super().__init__()
         hidden = int(h.mlp_mult * h.model_dim)
         self.fc = Linear(h, h.model_dim, hidden, "mlp", "ortho")
         self.proj = Linear(h, hidden, h.model_dim, "mlp", "zero")
         self.leaky = h.mlp_act == "leaky_relu2"
-        self.fused = h.mlp_kernel == "triton"  # Relu2MLP; GPTQ calibration switches it off to hook fc and proj
+        self.fused = kernels.mlp == "triton"  # Relu2MLP
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             weights = (self.fc.forward_weight().to(dtype), self.proj.forward_weight().to(dtype))
             return Relu2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), *weights).view(*x.shape[:-1], -1)
+        return self.plain(x)
+
+    def plain(self, x: Tensor) -> Tensor:
+        """The torch path: fc and proj called as modules (GPTQ calibration hooks their inputs)."""
         x = self.fc(x)
         x = F.leaky_relu(x, 0.5) if self.leaky else F.relu(x)
         return self.proj(x.square())
 
 
 class Block(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int):
+    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
         super().__init__()
         dim = h.model_dim
-        self.attn = Attention(h, layer)
-        self.mlp = MLP(h)
+        self.attn = Attention(h, layer, kernels)
+        self.mlp = MLP(h, kernels)
         self.attn_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
         self.mlp_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
         self.resid_mix = tagged(nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)])), "control")  # x <- a*x + b*x0
@@ -1207,7 +1239,7 @@ class ValueEmbedding(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
         nn.init.normal_(tagged(self.embed.weight, "embed"), std=0.01)
-        kv_dim = h.num_kv_heads * (h.model_dim // h.num_heads)
+        kv_dim = h.num_kv_heads * h.head_dim
         self.proj = Linear(h, h.ve_dim, kv_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -1215,7 +1247,7 @@ class ValueEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, kernels: Kernels = Kernels()):
         super().__init__()
         self.softcap = h.logit_softcap
         self.residual_bf16 = h.residual_dtype == "bf16"
@@ -1224,7 +1256,7 @@ class GPT(nn.Module):
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
         self.smear = SmearGate(h)
         self.value_embed = ValueEmbedding(h) if h.value_embedding_layers() else None
-        self.blocks = nn.ModuleList(Block(h, layer) for layer in range(h.num_layers))
+        self.blocks = nn.ModuleList(Block(h, layer, kernels) for layer in range(h.num_layers))
         # U-Net: the first half (encoder) pushes its outputs, the decoder pops them in reverse order.
         self.num_encoder = h.num_layers // 2
         num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
@@ -1266,10 +1298,10 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets[:, -tail:].flatten(), reduction="none").view(idx.size(0), tail)
 
 
-def build_model(h: Hyperparameters) -> GPT:
+def build_model(h: Hyperparameters, kernels: Kernels = Kernels()) -> GPT:
     """The same construction for training and for scoring a saved artifact; CPU, seeded init."""
     torch.manual_seed(h.seed)
-    model = GPT(h)
+    model = GPT(h, kernels)
     route_parameters(model)
     return model
 
@@ -1627,9 +1659,10 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
             x = rms_norm(out.detach().float()).flatten(0, -2)
             H_out.addmm_(x.T, x)
         hooks.append(model.blocks[-1].register_forward_hook(output_inputs))
-    fused = [m for m in model.modules() if isinstance(m, MLP) and m.fused]
-    for mlp in fused:  # the hooks need fc's and proj's own calls
-        mlp.fused = False
+
+    def plain_path(mlp, args):  # the fused kernel calls neither fc nor proj: run the torch path beside it for their hooks
+        mlp.plain(args[0])
+    hooks += [m.register_forward_pre_hook(plain_path) for m in model.modules() if isinstance(m, MLP) and m.fused]
     for name, layer in quantization_targets(model, h).items():
         hessians[name] = torch.zeros(layer.weight.size(1), layer.weight.size(1), device=rt.device)
 
@@ -1638,15 +1671,11 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
             H.addmm_(x.T, x)
         hooks.append(layer.register_forward_pre_hook(accumulate))
     try:
-        for x, y in batches:
-            for micro in range(x.size(0)):
-                with autocast(rt):
-                    model(x[micro], y[micro])
+        for batch in batches:
+            forward_backward(model, batch, rt, backward=False)
     finally:
         for hook in hooks:
             hook.remove()
-        for mlp in fused:
-            mlp.fused = True
     if rt.distributed:
         for H in hessians.values():
             dist.all_reduce(H)
@@ -2042,12 +2071,15 @@ CODE_BYTES = len(self_extracting(SOURCE))
 
 @dataclass
 class Runtime:
-    """Where and how this process runs: one GPU per rank under torchrun, or the CPU."""
+    """Where and how this process runs (one GPU per rank under torchrun, or the CPU), and the choices
+    resolved from the settings for it: the settings themselves stay as given."""
     rank: int
     world_size: int
     device: torch.device
     micro_batch_seqs: int
     compile: bool
+    grad_accum_steps: int = 1
+    kernels: Kernels = Kernels()
 
     @property
     def distributed(self) -> bool:
@@ -2074,31 +2106,34 @@ def choose_attention(setting: str, major: int) -> str:
     return setting
 
 
+def choose_kernels(h: Hyperparameters, device: torch.device) -> Kernels:
+    """The Kernels for this model on this device: "auto" takes each kernel where it runs and fits the
+    model; an explicit choice that cannot run is refused."""
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    chosen = {}
+    for name, fits, also in (("mlp", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
+                                                        "(MLP_MULT x MODEL_DIM) multiples of 8"),
+                             ("qk", True, ""), ("xsa", True, "")):
+        usable, setting = triton is not None and major == 9 and fits, getattr(h, f"{name}_kernel")
+        if setting == "triton" and not usable:
+            raise ConfigError(f"{name.upper()}_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later{also}")
+        chosen[name] = "triton" if setting == "triton" or (setting == "auto" and usable) else "torch"
+    return Kernels(attention=choose_attention(h.attn_backend, major), **chosen)
+
+
 def setup_runtime(h: Hyperparameters, environ) -> Runtime:
-    """Distributed and compile setup in one place; resolves the "auto" settings in h (they are logged)."""
+    """Distributed and compile setup in one place; the "auto" settings are resolved onto the Runtime."""
     world_size, rank = int(environ.get("WORLD_SIZE", "1")), int(environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if h.grad_accum_steps == 0:
-        h.grad_accum_steps = max(1, 8 // world_size)
-    if h.compile == "auto":
-        h.compile = "1" if cuda else "0"
-    hopper = cuda and torch.cuda.get_device_capability(device)[0] == 9
-    h.attn_backend = choose_attention(h.attn_backend, torch.cuda.get_device_capability(device)[0] if cuda else 0)
-    # The Triton kernels: each runs where it fits, and an explicit "triton" that cannot run is refused.
-    for name, fits, also in (("mlp_kernel", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
-                                                               "(MLP_MULT x MODEL_DIM) multiples of 8"),
-                             ("qk_kernel", True, ""), ("xsa_kernel", True, "")):
-        usable = triton is not None and hopper and fits
-        if getattr(h, name) == "auto":
-            setattr(h, name, "triton" if usable else "torch")
-        elif getattr(h, name) == "triton" and not usable:
-            raise ConfigError(f"{name.upper()}=triton needs a Hopper GPU and Triton 3.4 or later{also}")
-    pieces = world_size * h.grad_accum_steps * h.train_seq_len
+    grad_accum_steps = h.grad_accum_steps or max(1, 8 // world_size)
+    compile = h.compile == "1" or (h.compile == "auto" and cuda)
+    kernels = choose_kernels(h, device)
+    pieces = world_size * grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % pieces:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of world size {world_size} x "
-                          f"GRAD_ACCUM_STEPS={h.grad_accum_steps} x TRAIN_SEQ_LEN={h.train_seq_len} = {pieces}")
-    if h.compile == "1":
+                          f"GRAD_ACCUM_STEPS={grad_accum_steps} x TRAIN_SEQ_LEN={h.train_seq_len} = {pieces}")
+    if compile:
         import torch._inductor.config as inductor
         # Its mix-order reductions (RMSNorm backward fused with the mixing vectors' per-channel
         # gradient sums) ran far below memory bandwidth on the H100 (bench/RESULTS.md, "Step time").
@@ -2110,7 +2145,7 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Runtime(rank, world_size, device, h.train_batch_tokens // pieces, h.compile == "1")
+    return Runtime(rank, world_size, device, h.train_batch_tokens // pieces, compile, grad_accum_steps, kernels)
 
 
 def synchronize(rt: Runtime) -> None:
@@ -2206,19 +2241,18 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # a plain fi
 
 
 def claim_run_paths(h: Hyperparameters, rt: Runtime) -> tuple[Path, Path]:
-    """logs/<RUN_ID>.txt and logs/<RUN_ID>.model.zst; an earlier run's files are never overwritten."""
+    """logs/<RUN_ID>.txt and logs/<RUN_ID>.model.zst (RUN_ID "": a time stamp, the same on every rank);
+    an earlier run's files are never overwritten."""
     if h.run_id and not RUN_ID_PATTERN.fullmatch(h.run_id):
         raise ConfigError(f"RUN_ID={h.run_id!r}: expected a plain file name of letters, digits, '.', '_' and '-' "
                           "(at most 200, not starting with '.'); the run writes logs/<RUN_ID>.txt")
-    if not h.run_id:
-        stamp = [time.strftime("%Y%m%d_%H%M%S_") + os.urandom(2).hex()]
-        if rt.distributed:
-            dist.broadcast_object_list(stamp, src=0)
-        h.run_id = stamp[0]
-    log_path, artifact_path = Path("logs") / f"{h.run_id}.txt", Path("logs") / f"{h.run_id}.model.zst"
+    run_id = [h.run_id or time.strftime("%Y%m%d_%H%M%S_") + os.urandom(2).hex()]
+    if rt.distributed and not h.run_id:
+        dist.broadcast_object_list(run_id, src=0)
+    log_path, artifact_path = Path("logs") / f"{run_id[0]}.txt", Path("logs") / f"{run_id[0]}.model.zst"
     taken = [p for p in (log_path, artifact_path, log_path.with_name(log_path.name + ".part")) if p.exists()]
     if taken:
-        raise ConfigError(f"RUN_ID={h.run_id} was used before ({taken[0]} exists): choose another RUN_ID")
+        raise ConfigError(f"RUN_ID={run_id[0]} was used before ({taken[0]} exists): choose another RUN_ID")
     if rt.distributed:
         dist.barrier()  # every rank checked before rank 0 creates the log
     if rt.master:
@@ -2243,10 +2277,11 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
             log(f"gpu {i}: {torch.cuda.get_device_name(i)}")
     else:
         log("gpu none (cpu)")
-    log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
-    version = {"fa4": f" (flash-attn-4 {FA4_VERSION})", "sdpa": f" (torch {torch.__version__})"}.get(h.attn_backend, "")
-    log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel} qk_kernel:{h.qk_kernel} xsa_kernel:{h.xsa_kernel}{version}")
-    head_dim = h.model_dim // h.num_heads
+    log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
+    kernels = rt.kernels
+    version = {"fa4": f" (flash-attn-4 {FA4_VERSION})", "sdpa": f" (torch {torch.__version__})"}.get(kernels.attention, "")
+    log(f"attention_backend:{kernels.attention} mlp_kernel:{kernels.mlp} qk_kernel:{kernels.qk} xsa_kernel:{kernels.xsa}{version}")
+    head_dim = h.head_dim
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 
 
@@ -2311,6 +2346,28 @@ def on_master(rt: Runtime, work):
     return result
 
 
+def forward_backward(model: nn.Module, batch: tuple[Tensor, Tensor], rt: Runtime, backward: bool = True) -> Tensor:
+    """The mean loss of a rank's batch (its micro-steps, the first dimension of x and y) under autocast;
+    with backward, the gradient of that mean accumulates in the parameters. The loss stays on the device:
+    nothing waits for the GPU."""
+    x, y = batch
+    total = torch.zeros((), device=rt.device)
+    for micro in range(x.size(0)):
+        with autocast(rt):
+            loss = model(x[micro], y[micro])
+        if backward:
+            (loss / x.size(0)).backward()
+        total += loss.detach()
+    return total / x.size(0)
+
+
+def train_step(model: nn.Module, opt: Optimizers, batch: tuple[Tensor, Tensor], rt: Runtime, lr_scale: float, momentum: float) -> Tensor:
+    """One optimiser step on a batch (train(), and the step time of bench/); returns its mean loss."""
+    loss = forward_backward(model, batch, rt)
+    opt.step(lr_scale, momentum)
+    return loss
+
+
 def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runtime) -> Export:
     """The export quantisation, which may use training data (GPTQ calibration), so it runs inside the
     training budget."""
@@ -2330,17 +2387,6 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     loader = TrainLoader(h, rt)
     calibration_batches = h.gptq_calib_batches if h.quant_method == "gptq" else 0
 
-    def run_step(opt: Optimizers, batch: tuple[Tensor, Tensor], lr_scale: float, momentum: float) -> Tensor:
-        x, y = batch
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(h.grad_accum_steps):
-            with autocast(rt):
-                loss = train_model(x[micro], y[micro])
-            (loss / h.grad_accum_steps).backward()
-            loss_sum += loss.detach()
-        opt.step(lr_scale, momentum)
-        return loss_sum / h.grad_accum_steps
-
     def timed_quantization() -> tuple[tuple, float]:
         """quantize_for_export on the next calibration batches, and its milliseconds (reading the batches
         included: the training data it uses is charged to the budget)."""
@@ -2356,7 +2402,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
     opt = Optimizers(model, routes, h, rt, orthogonalize)
     for _ in range(h.warmup_steps):
-        run_step(opt, loader.next_batch(), 1.0, h.muon_momentum_warmup_start)
+        train_step(train_model, opt, loader.next_batch(), rt, 1.0, h.muon_momentum_warmup_start)
     evaluator.prime()
     synchronize(rt)
     (_, cold_ms), (_, warm_ms) = timed_quantization(), timed_quantization()
@@ -2414,7 +2460,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
             qat_on = True
             log(f"late_qat: on from step:{step} lr_scale:{lr_scale:.4f} matrices:{set_late_qat(model, True)}")
         started_ms = clock_ms()
-        loss = run_step(opt, batch, lr_scale, muon_momentum_at(h, step))
+        loss = train_step(train_model, opt, batch, rt, lr_scale, muon_momentum_at(h, step))
         batch = loader.next_batch()  # host work overlaps the GPU running this step
         step += 1
         averager.update(step, lr_scale)
@@ -2457,7 +2503,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
 def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path: Path) -> None:
     tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
     val_tokens = load_validation_tokens(h)
-    model = build_model(h).to(rt.device)
+    model = build_model(h, rt.kernels).to(rt.device)
     routes = route_parameters(model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} xsa_layers:{h.xsa_last_n} weight_avg:{h.weight_avg}")
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
@@ -2468,16 +2514,21 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
     _, zeroed = on_master(rt, lambda: export_artifact(export, h, artifact_path, h.target_bytes - CODE_BYTES))
     log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
-    state, _ = load_artifact(artifact_path)  # the score is always that of the bytes on disk
+    score_artifact(artifact_path, model, evaluator, h, log)
+
+
+def score_artifact(path: Path, model: GPT, evaluator: Evaluator, h: Hyperparameters, log: RunLog) -> None:
+    """The score of a run, after training and when re-scoring: the artifact's bytes on disk, loaded into
+    the evaluator's model, the sizes counted against the cap, and the final lines."""
+    state, _ = load_artifact(path)
     model.load_state_dict(state)
-    log_sizes(log, artifact_path.stat().st_size)
+    log_sizes(log, path.stat().st_size)
     log_final_scores(log, evaluator, h)
 
 
-# Settings that fix the shape of the saved weights: re-scoring takes them from the artifact.
-MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
-                  "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n", "bigram_vocab_size",
-                  "bigram_dim", "ve_layers", "ve_dim", "residual_dtype")
+# The "model shape" group of Hyperparameters: the settings that fix the saved weights and the function they
+# compute, stored in every artifact; re-scoring builds its model from them.
+MODEL_SETTINGS = tuple(name for group, name in settings_groups() if group == "model shape")
 
 
 def model_settings(h: Hyperparameters) -> dict:
@@ -2547,27 +2598,22 @@ def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     path = Path(h.eval_artifact)
     state, config = load_artifact(path)
     check_size_cap(path.stat().st_size + CODE_BYTES)  # an artifact over the cap is refused, not scored
-    stored = stored_model_settings(config, h, str(path))
-    for name in MODEL_SETTINGS:
-        value = stored.get(name, getattr(h, name))  # an artifact older than the setting: this run's value
-        if getattr(h, name) != value:
-            if name in h.from_environment:
-                raise ConfigError(f"{name.upper()}={getattr(h, name)} but {path} was trained with {name.upper()}={value}")
-            setattr(h, name, value)
-    if h.mlp_kernel == "triton" and not relu2_mlp_fits(h):  # e.g. an artifact trained with MLP_ACT=leaky_relu2
-        h.mlp_kernel = "torch"
+    stored = stored_model_settings(config, h, str(path))  # an artifact older than a setting: this run's value
+    for name, value in stored.items():
+        if name in h.from_environment and getattr(h, name) != value:
+            raise ConfigError(f"{name.upper()}={getattr(h, name)} but {path} was trained with {name.upper()}={value}")
+    h = replace(h, **stored)  # the settings of the stored model, this run's for the rest
+    kernels = choose_kernels(h, rt.device)  # again: e.g. no relu^2 kernel for an artifact trained with MLP_ACT=leaky_relu2
     log("rescore: model settings from the artifact: " + " ".join(f"{n.upper()}={getattr(h, n)}" for n in MODEL_SETTINGS)
-        + f" (mlp_kernel:{h.mlp_kernel})")
+        + f" (mlp_kernel:{kernels.mlp})")
     check_artifact_tensors(state, h, str(path))
     tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
     val_tokens = load_validation_tokens(h)
-    model = build_model(h).to(rt.device)
-    model.load_state_dict(state)
-    log_sizes(log, path.stat().st_size)
+    model = build_model(h, kernels).to(rt.device)
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
     log(f"val_bytes: from the {evaluator.tables.source}")
     log(f"scoring graphs compiled in {evaluator.prime():.1f}s")
-    log_final_scores(log, evaluator, h)
+    score_artifact(path, model, evaluator, h, log)
 
 
 class Stopped(BaseException):

@@ -1,4 +1,4 @@
-"""A/B of several copies of train_gpt.py: step time and train_loss, 50 steps each, in one
+"""A/B of several copies of train_gpt.py (of this version or later: each runs its own train_step): step time and train_loss, 50 steps each, in one
 process, same seed and batches (AB_STEPS to change); the record configuration unless the environment says otherwise.
 Prints the mean step time after the first 10 steps, the peak memory, the largest relative train_loss
 difference from the first copy, and the sliding-window evaluation throughput (64 windows per batch).
@@ -22,7 +22,7 @@ def run(tg, steps: int = int(os.environ.get("AB_STEPS", 50))):
     torch._dynamo.reset()
     h = tg.Hyperparameters.from_env(os.environ)
     rt = tg.setup_runtime(h, os.environ)
-    model = tg.build_model(h).to(rt.device)
+    model = tg.build_model(h, rt.kernels).to(rt.device)
     compile_ = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if rt.compile else (lambda f: f)
     train_model = compile_(model)
     opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, compile_(tg.newton_schulz))
@@ -35,15 +35,7 @@ def run(tg, steps: int = int(os.environ.get("AB_STEPS", 50))):
         if step == 10:
             tg.synchronize(rt)
             t0 = time.perf_counter()
-        x, y = loader.next_batch()
-        total = torch.zeros((), device=rt.device)
-        for m in range(h.grad_accum_steps):
-            with tg.autocast(rt):
-                loss = train_model(x[m], y[m])
-            (loss / h.grad_accum_steps).backward()
-            total += loss.detach()
-        opt.step(1.0, tg.muon_momentum_at(h, step))
-        losses.append(total / h.grad_accum_steps)
+        losses.append(tg.train_step(train_model, opt, loader.next_batch(), rt, 1.0, tg.muon_momentum_at(h, step)))
     tg.synchronize(rt)
     ms = (time.perf_counter() - t0) / (steps - 10) * 1000
     peak = torch.cuda.max_memory_allocated() // 2**20 if cuda else 0

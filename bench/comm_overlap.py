@@ -59,18 +59,14 @@ def main() -> None:
     rt = tg.setup_runtime(h, os.environ)
     if not rt.distributed:
         raise SystemExit("run under torchrun with at least 2 processes")
-    model = tg.build_model(h).to(rt.device)
+    model = tg.build_model(h, rt.kernels).to(rt.device)
     train_model = torch.compile(model, dynamic=False, fullgraph=True)
     opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, torch.compile(tg.newton_schulz, dynamic=False, fullgraph=True))
     loader = tg.TrainLoader(h, rt)
     opt_ms = []
 
     def step() -> None:
-        x, y = loader.next_batch()
-        for m in range(h.grad_accum_steps):
-            with tg.autocast(rt):
-                loss = train_model(x[m], y[m])
-            (loss / h.grad_accum_steps).backward()
+        tg.forward_backward(train_model, loader.next_batch(), rt)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.step(1.0, 0.95)
@@ -92,7 +88,7 @@ def main() -> None:
             path = Path(tmp) / "trace.json"
             prof.export_chrome_trace(str(path))
             nccl_us, overlapped_us = nccl_overlap(json.loads(path.read_text()))
-        print(f"world size {rt.world_size}, {h.grad_accum_steps} micro-steps per rank: {step_ms:.1f} ms/step, "
+        print(f"world size {rt.world_size}, {rt.grad_accum_steps} micro-steps per rank: {step_ms:.1f} ms/step, "
               f"optimiser {sum(opt_ms) / len(opt_ms):.1f} ms of it (synchronised before and after)")
         print(f"NCCL kernels over 2 steps: {nccl_us / 1000:.2f} ms, of which {overlapped_us / 1000:.2f} ms "
               f"({overlapped_us / max(nccl_us, 1e-9):.0%}) ran beside compute kernels")

@@ -14,7 +14,7 @@ h = tg.Hyperparameters.from_env(os.environ)
 rt = tg.setup_runtime(h, os.environ)
 if rt.device.type != "cuda":
     raise SystemExit("needs a GPU: on the CPU there are no kernel launches to save")
-model = tg.build_model(h).to(rt.device)
+model = tg.build_model(h, rt.kernels).to(rt.device)
 params = list(model.parameters())
 grads = [torch.randn_like(p) * 1e-3 for p in params]
 median = lambda v: sorted(v)[len(v) // 2]

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt as tg
 h = tg.Hyperparameters.from_env(os.environ)
 rt = tg.setup_runtime(h, os.environ)
-model = tg.build_model(h).to(rt.device)
+model = tg.build_model(h, rt.kernels).to(rt.device)
 routes = tg.route_parameters(model)
 train_model = torch.compile(model, dynamic=False, fullgraph=True)
 ortho = torch.compile(tg.newton_schulz, dynamic=False, fullgraph=True)
@@ -22,11 +22,11 @@ phases = {k: 0.0 for k in ("data", "forward", "backward", "optimizer", "averagin
 def step(timed):
     t = time.perf_counter(); x, y = loader.next_batch()
     if timed: sync(); phases["data"] += time.perf_counter() - t
-    for m in range(h.grad_accum_steps):
+    for m in range(rt.grad_accum_steps):
         t = time.perf_counter()
         with tg.autocast(rt): loss = train_model(x[m], y[m])
         if timed: sync(); phases["forward"] += time.perf_counter() - t
-        t = time.perf_counter(); (loss / h.grad_accum_steps).backward()
+        t = time.perf_counter(); (loss / rt.grad_accum_steps).backward()
         if timed: sync(); phases["backward"] += time.perf_counter() - t
     t = time.perf_counter(); opt.step(1.0, 0.95)
     if timed: sync(); phases["optimizer"] += time.perf_counter() - t

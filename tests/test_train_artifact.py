@@ -270,13 +270,17 @@ def rescore(path: Path, monkeypatch, **kw):
 
     def reached(*args):
         raise Reached
+    checked = []  # the settings of the model that rescore builds
+    check = tg.check_artifact_tensors
+    monkeypatch.setattr(tg, "check_artifact_tensors", lambda state, h, source: checked.append(h) or check(state, h, source))
     monkeypatch.setattr(tg, "build_byte_tables", reached)
     h = tiny_h(**(SETTINGS | kw | {"eval_artifact": str(path)}))
     lines = []
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
     try:
-        tg.rescore(h, None, lines.append)
+        tg.rescore(h, rt, lines.append)
     except Reached:
-        return h, lines
+        return checked[0], lines
     raise AssertionError("rescore went on without reading the tokenizer")
 
 
@@ -394,6 +398,45 @@ def test_the_model_settings_are_settings():
     names = {f.name for f in tg.fields(tg.Hyperparameters)}
     assert set(tg.MODEL_SETTINGS) <= names and set(tg.POSITIVE_MODEL_SETTINGS) <= set(tg.MODEL_SETTINGS)
     assert not {"data_path", "tokenizer_path", "run_id", "eval_artifact"} & set(tg.MODEL_SETTINGS)
+
+
+# A changed value of each model setting (valid with the others of MODEL_BASE).
+MODEL_CHANGES = dict(vocab_size=80, num_layers=3, model_dim=48, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
+                     mlp_act="leaky_relu2", logit_softcap=7.0, rope_base=500.0, rope_dims=8, ln_scale=True, xsa_last_n=2,
+                     bigram_vocab_size=48, bigram_dim=8, ve_layers="1", ve_dim=16, residual_dtype="fp32")
+MODEL_BASE = dict(vocab_size=96, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
+                  bigram_dim=16, xsa_last_n=1, ve_layers="2", ve_dim=8, train_seq_len=16, eval_seq_len=16, eval_stride=8)
+
+
+def model_function(h, state=None):
+    """(tensor shapes, token_nll on fixed tokens) of the model these settings build, with `state` loaded if given."""
+    torch.manual_seed(0)
+    model = tg.build_model(h)
+    if state is not None:
+        model.load_state_dict(state)
+    idx = torch.randint(0, 80, (2, 17))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # residual_dtype acts under autocast
+        nll = model.token_nll(idx[:, :-1], idx[:, 1:], 16)
+    return {n: t.shape for n, t in model.state_dict().items()}, nll, model.state_dict()
+
+
+def test_every_stored_model_setting_changes_the_model_or_what_it_computes():
+    """The "model shape" group, which artifacts store, holds only settings that matter to the scored
+    model: changing any one changes a tensor's shape or, with the same weights, the losses."""
+    assert set(MODEL_CHANGES) == set(tg.MODEL_SETTINGS)
+    base = tg.Hyperparameters(**MODEL_BASE)
+    shapes, nll, state = model_function(base)
+    with torch.no_grad():
+        for t in state.values():  # away from the zero-initialised projections, which would hide changes
+            t.add_(torch.randn_like(t) * 0.05)
+    _, nll, _ = model_function(base, state)
+    for name, value in MODEL_CHANGES.items():
+        changed = tg.replace(base, **{name: value})
+        changed.validate()
+        other_shapes, _, _ = model_function(changed)
+        if other_shapes == shapes:
+            _, other_nll, _ = model_function(changed, state)
+            assert not torch.equal(other_nll, nll), name
 
 
 # ---- end to end ------------------------------------------------------------------------------

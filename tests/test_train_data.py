@@ -57,10 +57,10 @@ def make_h(tmp_path, **kw):
 
 
 class FakeRuntime:
-    def __init__(self, rank=0, world_size=1, micro_batch_seqs=1):
+    def __init__(self, rank=0, world_size=1, micro_batch_seqs=1, grad_accum_steps=1):
         import torch
         self.rank, self.world_size, self.micro_batch_seqs = rank, world_size, micro_batch_seqs
-        self.device = torch.device("cpu")
+        self.grad_accum_steps, self.device = grad_accum_steps, torch.device("cpu")
 
 
 def test_stream_reads_shards_in_sorted_order_and_wraps(tmp_path):
@@ -76,7 +76,7 @@ def test_loader_gives_each_rank_a_disjoint_slice_of_one_span(tmp_path):
     h = make_h(tmp_path, vocab_size=500, train_batch_tokens=32, train_seq_len=4, grad_accum_steps=2)
     seen = []
     for rank in range(2):
-        loader = tg.TrainLoader(h, FakeRuntime(rank, 2, micro_batch_seqs=2))
+        loader = tg.TrainLoader(h, FakeRuntime(rank, 2, micro_batch_seqs=2, grad_accum_steps=2))
         x, y = loader.next_batch()
         assert x.shape == (2, 2, 4)
         np.testing.assert_array_equal(y.flatten().numpy(), x.flatten().numpy() + 1)  # targets are the next tokens

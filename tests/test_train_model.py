@@ -255,11 +255,11 @@ def test_triton_kernels_match_the_plain_paths_in_tritons_interpreter():
 def test_kernel_resolution_on_this_machine():
     usable = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and tg.triton is not None
     h = tg.Hyperparameters.from_env({"ROPE_DIMS": "16"})  # partial rotary is fused too
-    tg.setup_runtime(h, {})
-    assert (h.mlp_kernel, h.qk_kernel, h.xsa_kernel) == (("triton",) * 3 if usable else ("torch",) * 3)
+    kernels = tg.setup_runtime(h, {}).kernels
+    assert (kernels.mlp, kernels.qk, kernels.xsa) == (("triton",) * 3 if usable else ("torch",) * 3)
+    assert (h.mlp_kernel, h.qk_kernel, h.xsa_kernel, h.attn_backend, h.compile) == ("auto",) * 5  # the settings stay as given
     h = tg.Hyperparameters.from_env({"MLP_KERNEL": "auto", "MLP_ACT": "leaky_relu2"})
-    tg.setup_runtime(h, {})
-    assert h.mlp_kernel == "torch"  # its sign is lost in act = leaky_relu(h)^2, which the fused backward reads
+    assert tg.setup_runtime(h, {}).kernels.mlp == "torch"  # its sign is lost in act = leaky_relu(h)^2, which the fused backward reads
     refused = [{"MLP_ACT": "leaky_relu2"}, {"MLP_MULT": "2.99"}] + ([] if usable else [{}])
     for env in refused:
         env["MLP_KERNEL"] = "triton"
@@ -270,21 +270,37 @@ def test_kernel_resolution_on_this_machine():
             tg.setup_runtime(tg.Hyperparameters.from_env({name: "triton"}), {})
 
 
-def test_rescoring_an_artifact_whose_mlp_cannot_be_fused_uses_the_plain_mlp(monkeypatch, tmp_path):
-    """MLP_KERNEL is resolved before the artifact's model settings are read; a leaky_relu2 artifact must
-    not be scored by the relu^2 kernel."""
-    h = tiny_h(mlp_kernel="triton", eval_artifact=str(tmp_path / "a.model.zst"))
-    (tmp_path / "a.model.zst").write_bytes(b"stand-in: load_artifact is replaced below")
-    monkeypatch.setattr(tg, "load_artifact", lambda path: ({}, {"mlp_act": "leaky_relu2"}))
-    built = []
+def test_the_runtime_holds_the_resolved_choices_and_the_settings_stay_as_given():
+    h = tg.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "4096", "TRAIN_SEQ_LEN": "64"})
+    rt = tg.setup_runtime(h, {"WORLD_SIZE": "1"})
+    assert (rt.grad_accum_steps, rt.micro_batch_seqs, rt.compile) == (8, 8, torch.cuda.is_available())
+    assert (h.grad_accum_steps, h.compile) == (0, "auto")
 
-    def build_model(h):
-        built.append(h.mlp_kernel)
-        raise RuntimeError("stop here")
-    monkeypatch.setattr(tg, "build_model", build_model)
+
+def test_rescoring_resolves_the_kernels_for_the_artifacts_model(monkeypatch, tmp_path):
+    """Kernels are chosen for the model that is scored: on a (stand-in) Hopper GPU with Triton, auto fuses
+    the MLP of a relu2 artifact but not that of a leaky_relu2 one, and an explicit MLP_KERNEL=triton is
+    refused for the latter."""
+    (tmp_path / "a.model.zst").write_bytes(b"stand-in: load_artifact is replaced below")
+    monkeypatch.setattr(tg, "triton", object())
+    monkeypatch.setattr(tg.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(tg, "build_byte_tables", lambda *a: None)
     monkeypatch.setattr(tg, "load_validation_tokens", lambda h: None)
-    lines = []
-    with pytest.raises(RuntimeError, match="stop here"):
-        tg.rescore(h, None, lines.append)
-    assert built == ["torch"] and "MLP_ACT=leaky_relu2" in lines[0] and lines[0].endswith("(mlp_kernel:torch)")
+    monkeypatch.setattr(tg, "check_artifact_tensors", lambda *a: None)
+    built = []
+
+    def build_model(h, kernels):
+        built.append(kernels.mlp)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(tg, "build_model", build_model)
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cuda", 0), micro_batch_seqs=1, compile=False)
+    for act, fused in (("relu2", "triton"), ("leaky_relu2", "torch")):
+        monkeypatch.setattr(tg, "load_artifact", lambda path: ({}, {"mlp_act": act}))
+        h = tiny_h(model_dim=64, eval_artifact=str(tmp_path / "a.model.zst"))
+        lines = []
+        with pytest.raises(RuntimeError, match="stop here"):
+            tg.rescore(h, rt, lines.append)
+        assert built[-1] == fused and f"MLP_ACT={act}" in lines[0] and lines[0].endswith(f"(mlp_kernel:{fused})")
+        assert h.mlp_act == "relu2"  # this run's settings stay as given
+    with pytest.raises(tg.ConfigError, match="MLP_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later, MLP_ACT=relu2"):
+        tg.rescore(tiny_h(mlp_kernel="triton", eval_artifact=str(tmp_path / "a.model.zst")), rt, lines.append)

@@ -56,12 +56,12 @@ for B, T, H, Hkv, D in [(2, 5, 4, 2, 8), (1, 7, 6, 2, 12), (3, 4, 3, 3, 16)]:
     for name, want, got in zip(("out", "dy", "dv"), *results):
         close(f"xsa {name} at {(B, T, H, Hkv, D)}", got, want)
 
-# The whole model, late QAT on: the loss, every gradient, and GPTQ's Hessians (collected on the plain
-# path, after which the fused path is back). MODEL_DIM 256 makes the MLP matrices large enough to be
+# The whole model, late QAT on: the loss, every gradient, and GPTQ's Hessians (the fused MLP runs its
+# plain path beside it for the hooks of fc and proj). MODEL_DIM 256 makes the MLP matrices large enough to be
 # exported as integers, so that they have Hessians.
 h = dict(vocab_size=96, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=32, bigram_dim=16,
          train_seq_len=32, eval_seq_len=32, xsa_last_n=1, late_qat_threshold=0.5)
-plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel, qk_kernel=kernel, xsa_kernel=kernel)) for kernel in ("torch", "triton"))
+plain, fused = (tg.build_model(tg.Hyperparameters(**h), tg.Kernels(mlp=kernel, qk=kernel, xsa=kernel)) for kernel in ("torch", "triton"))
 with torch.no_grad():
     for p in plain.parameters():  # away from the zero-initialised projections, which would hide gradients
         p.add_(torch.randn_like(p) * 0.02)
@@ -83,5 +83,5 @@ hessians = [tg.collect_hessians(model, batches, tg.Hyperparameters(**h), rt) for
 assert any(".mlp." in name for name in hessians[0]), sorted(hessians[0])
 for name, H in hessians[0].items():
     close(f"Hessian of {name}", hessians[1][name], H)
-assert all(m.fused for m in fused.modules() if isinstance(m, tg.MLP)), "collect_hessians left the fused path off"
+assert not any(m._forward_pre_hooks or m._forward_hooks for m in fused.modules()), "collect_hessians left a hook behind"
 print("triton kernels: all checks passed")
