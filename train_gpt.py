@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py        # the default run (see README.md)
     EVAL_ARTIFACT=logs/<run>.model.zst torchrun ... train_gpt.py  # re-score a saved artifact
 
-Pipeline: settings -> data -> metric -> model -> optimisers -> averaging -> quantisation/export
+Pipeline: settings -> data -> metric -> model -> optimisers -> averaging -> quantization/export
 -> evaluation -> main. Every setting is one line of `Hyperparameters`.
 """
 
@@ -106,7 +106,7 @@ class Hyperparameters:
     ema_decay: float = 0.997         # shadow <- decay * shadow + (1 - decay) * weights, every step
     swa_every: int = 50              # steps between SWA snapshots ...
     swa_threshold: float = 0.5       # ... once the LR scale is below this (PR #265)
-    late_qat_threshold: float = 0.0  # fake-quantise matrices once the LR scale is below it; 0 = off
+    late_qat_threshold: float = 0.0  # fake-quantize matrices once the LR scale is below it; 0 = off
 
     # ---- export
     # int5 with GPTQ: on a 300 s proxy checkpoint int6 everywhere made 17.9 MB (see README.md)
@@ -117,7 +117,7 @@ class Hyperparameters:
     gptq_calib_batches: int = 1      # training batches (of TRAIN_BATCH_TOKENS) for GPTQ's Hessians
     gptq_damp: float = 0.01          # GPTQ damping, times the mean Hessian diagonal
     gptq_embed: bool = False         # GPTQ for the tied embedding too (its output-layer inputs' Hessian)
-    target_bytes: int = 16_000_000   # artifact + code; quantised +-1 values are zeroed until it fits
+    target_bytes: int = 16_000_000   # artifact + code; quantized +-1 values are zeroed until it fits
 
     # ---- evaluation and logging
     eval_seq_len: int = 2048         # evaluation window
@@ -234,7 +234,7 @@ RETIRED_SETTINGS = {
     "TIE_EMBEDDINGS": "embeddings are always tied here; remove the setting",
     "EMBED_LR": "embeddings are always tied here; use TIED_EMBED_LR",
     "HEAD_LR": "embeddings are always tied here; there is no separate head",
-    "QAT_ENABLED": "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)",
+    "QAT_ENABLED": "use LATE_QAT_THRESHOLD (LR scale below which fake quantization starts; 0 = off)",
     "LEAKY_RELU": "use MLP_ACT=leaky_relu2",
     "VE_ENABLED": "use VE_LAYERS (e.g. VE_LAYERS=9,10; empty = off)",
     "LN_SCALE_ENABLED": "use LN_SCALE",
@@ -261,7 +261,7 @@ ALIASES = {name: hint for names, hint in (
     (("RUN_NAME",), "use RUN_ID (names logs/<RUN_ID>.txt)"),
     (("EMA",), "use WEIGHT_AVG=ema (the default) and EMA_DECAY"),
     (("SWA",), "use WEIGHT_AVG=swa, SWA_EVERY and SWA_THRESHOLD"),
-    (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)"),
+    (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantization starts; 0 = off)"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
 # GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
@@ -783,7 +783,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 class Linear(nn.Module):
     """x @ W^T with an fp32 master weight (matmuls run in bf16 under autocast). With late QAT the
-    weight goes through the export's per-row fake quantiser once its `qat_gate` buffer is set to 1:
+    weight goes through the export's per-row fake quantizer once its `qat_gate` buffer is set to 1:
     a tensor, not a Python flag, so the switch takes effect inside an already compiled graph."""
 
     def __init__(self, h: Hyperparameters, in_features: int, out_features: int, role: str, init: str, gain: float = 1.0):
@@ -1307,7 +1307,7 @@ def build_model(h: Hyperparameters, kernels: Kernels = Kernels()) -> GPT:
 
 
 def set_late_qat(model: nn.Module, on: bool) -> int:
-    """Switch the fake quantiser of every quantised matrix; returns how many there are."""
+    """Switch the fake quantizer of every quantized matrix; returns how many there are."""
     gated = [m for m in model.modules() if isinstance(m, Linear) and m.qat_bits]
     for module in gated:
         module.qat_gate.fill_(float(on))
@@ -1482,12 +1482,12 @@ class WeightAverager:
 
 
 # =============================================================================================
-# Quantisation and export
+# Quantization and export
 # =============================================================================================
 
 SIZE_CAP_BYTES = 16_000_000      # artifact + code, decimal
 GPTQ_LITE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # clip quantiles tried per row (PR #531)
-SMALL_TENSOR_NUMEL = 65_536      # quantisable tensors this small are stored as fp16
+SMALL_TENSOR_NUMEL = 65_536      # quantizable tensors this small are stored as fp16
 EMBED_CLIP_QUANTILE = 0.9999984  # int8 embeddings clip each row at this quantile of |w|
 FP16_MIN_NORMAL = 2.0 ** -14
 ZSTD_LEVEL = 22
@@ -1559,8 +1559,8 @@ def best_clip_scales(w: Tensor, bits: int) -> Tensor:
 def gptq_round(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, block: int = 128, damp: float = 0.01) -> Tensor:
     """GPTQ (Frantar et al. 2022, as in PR #609) for a batch of matrices w (n, rows, cols) with input
     Hessians (n, cols, cols) = sum of x x^T over calibration inputs and fixed row scales (n, rows).
-    Columns are quantised in order of decreasing Hessian diagonal; each column's rounding error is
-    spread over the columns not yet quantised through the Cholesky factor of the inverse Hessian
+    Columns are quantized in order of decreasing Hessian diagonal; each column's rounding error is
+    spread over the columns not yet quantized through the Cholesky factor of the inverse Hessian
     (dampened by `damp` times its mean diagonal), block by block. Returns int8 values."""
     qmax = 2 ** (bits - 1) - 1
     w, H = w.float().clone(), hessian.float().clone()
@@ -1684,7 +1684,7 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
 
 @dataclass
 class Export:
-    """The export quantisation's result, what the artifact is packed from: CPU weights, each tensor's
+    """The export quantization's result, what the artifact is packed from: CPU weights, each tensor's
     storage format, the integer tensors (values, fp16 row scales), and the GPTQ Hessians by which
     fit_to_budget weighs what it zeroes."""
     state: dict[str, Tensor]
@@ -1818,7 +1818,7 @@ def check_artifact_header(header, payload_bytes: int, source: str) -> list[dict]
 
 
 def unpack_artifact(container: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict]:
-    """Inverse of pack_artifact: fp32 tensors (dequantised) and the saved model settings (of an older,
+    """Inverse of pack_artifact: fp32 tensors (dequantized) and the saved model settings (of an older,
     format-1 artifact, only MODEL_SETTINGS). The whole header is checked before any tensor is made."""
     if not container.startswith(ARTIFACT_MAGIC):
         raise DataError(f"{source}: not an artifact of this script (bad magic)")
@@ -1866,7 +1866,7 @@ def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
 
 def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
                   config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[bytes, int]:
-    """The compressed artifact, at most `budget` bytes: if needed, quantised +-1 values are set to 0,
+    """The compressed artifact, at most `budget` bytes: if needed, quantized +-1 values are set to 0,
     cheapest first (PR #609). The cost of zeroing one is the rise in its squared rounding error,
     weighted by its input's Hessian diagonal where there is one. The count is searched with a fast
     zstd level scaled to level 22, then checked at level 22. Returns (artifact, values zeroed)."""
@@ -1906,7 +1906,7 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
     k = hi
     while len(packed := artifact(k, ZSTD_LEVEL)) > budget:
         if k == len(order):
-            raise RunError(f"the artifact cannot fit {budget} bytes even with all {k} quantised +-1 values zeroed "
+            raise RunError(f"the artifact cannot fit {budget} bytes even with all {k} quantized +-1 values zeroed "
                            f"(it is {len(blob) - budget} bytes over before pruning): lower MLP_BITS or ATTN_BITS")
         k = min(len(order), k + max(1000, k // 20))
     return packed, k
@@ -1914,7 +1914,7 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
 
 def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int]:
     """Pack, fit to the byte budget, compress and write (temporary name, then rename).
-    Returns (artifact bytes, quantised values zeroed to fit)."""
+    Returns (artifact bytes, quantized values zeroed to fit)."""
     blob, pruned = fit_to_budget(export.state, export.formats, export.quantized, model_settings(h), export.hessians, budget)
     check_size_cap(len(blob) + CODE_BYTES)  # an artifact over the cap never gets a name
     write_atomic(path, blob)
@@ -2044,7 +2044,7 @@ class Evaluator:
 # Main: runtime, log, training, export
 # =============================================================================================
 
-# The training loop gives up this multiple of the (warm) export quantisation's time, or the cold time if
+# The training loop gives up this multiple of the (warm) export quantization's time, or the cold time if
 # that is less: the export after training took up to about 1.5x the warm time, and never longer than the
 # cold one (bench/RESULTS.md, "The export's time reserve"). A run whose training and export go over the cap fails.
 RESERVE_FACTOR = 2.0
@@ -2287,10 +2287,10 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
 
 def log_sizes(log: RunLog, artifact_bytes: int) -> None:
     import hashlib
-    log(f"Serialized model int6+zstd: {artifact_bytes} bytes")
+    log(f"Serialized model quant+zstd: {artifact_bytes} bytes")
     log(f"Code size: {CODE_BYTES} bytes")
     log(f"Code source: {len(SOURCE)} bytes sha256:{hashlib.sha256(SOURCE).hexdigest()} (counted as its self-extracting form)")
-    log(f"Total submission size int6+zstd: {artifact_bytes + CODE_BYTES} bytes")
+    log(f"Total submission size quant+zstd: {artifact_bytes + CODE_BYTES} bytes")
 
 
 def finite_score(evaluator: Evaluator, sliding: bool) -> tuple[float, float, float]:
@@ -2304,11 +2304,11 @@ def finite_score(evaluator: Evaluator, sliding: bool) -> tuple[float, float, flo
 
 def log_final_scores(log: RunLog, evaluator: Evaluator, h: Hyperparameters) -> None:
     loss, bpb, ms = finite_score(evaluator, sliding=False)
-    log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
-    log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    log(f"final_quant_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+    log(f"final_quant_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     loss, bpb, ms = finite_score(evaluator, sliding=True)
-    log(f"final_int6_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride} eval_time:{ms:.0f}ms")
-    log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    log(f"final_quant_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride} eval_time:{ms:.0f}ms")
+    log(f"final_quant_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
 
 def check_size_cap(total_bytes: int) -> None:
@@ -2369,7 +2369,7 @@ def train_step(model: nn.Module, opt: Optimizers, batch: tuple[Tensor, Tensor], 
 
 
 def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runtime) -> Export:
-    """The export quantisation, which may use training data (GPTQ calibration), so it runs inside the
+    """The export quantization, which may use training data (GPTQ calibration), so it runs inside the
     training budget."""
     routes = route_parameters(model)
     state = {name: t.detach().float() for name, t in model.state_dict().items()}
@@ -2380,7 +2380,7 @@ def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runti
 
 
 def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> Export:
-    """Train until ITERATIONS or the time cap, load the weight average, and quantise for export inside
+    """Train until ITERATIONS or the time cap, load the weight average, and quantize for export inside
     the training budget. Returns the Export of quantize_for_export."""
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     orthogonalize = torch.compile(newton_schulz, dynamic=False, fullgraph=True) if rt.compile else newton_schulz
@@ -2395,8 +2395,8 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         synchronize(rt)
         return export, 1000 * (time.perf_counter() - t)
 
-    # Before the clock: prime the compiled kernels and time the export quantisation (its time is
-    # reserved from the budget), then undo every trace of it. The first quantisation is cold (library
+    # Before the clock: prime the compiled kernels and time the export quantization (its time is
+    # reserved from the budget), then undo every trace of it. The first quantization is cold (library
     # set-up, first kernels: 2-4x the export's time on GPUs), so it is timed twice.
     t0 = time.perf_counter()
     initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -2410,11 +2410,11 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     reserve_ms = rank_max(min(cold_ms, RESERVE_FACTOR * warm_ms), rt)
     cap_ms = 1000.0 * h.max_wallclock_seconds
     if cap_ms > 0 and reserve_ms >= cap_ms:
-        raise RunError(f"the export quantisation needs {reserve_ms:.0f}ms reserved, at or above MAX_WALLCLOCK_SECONDS="
+        raise RunError(f"the export quantization needs {reserve_ms:.0f}ms reserved, at or above MAX_WALLCLOCK_SECONDS="
                        f"{h.max_wallclock_seconds:g}: no time would be left to train (raise the cap, or lower GPTQ_CALIB_BATCHES)")
     model.load_state_dict(initial)
     loader = TrainLoader(h, rt)
-    log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and two export quantisations "
+    log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and two export quantizations "
         f"(cold:{cold_ms:.0f}ms warm:{warm_ms:.0f}ms reserved:{reserve_ms:.0f}ms) in "
         f"{time.perf_counter() - t0:.1f}s; weights, optimiser state and data stream restored")
 
@@ -2482,7 +2482,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         if loop_cap_ms > 0 and known >= 1 and ends_ms + 2 * step_ms > loop_cap_ms:
             stop = True
             log(f"stopping_early: wallclock_cap train_time:{ends_ms:.0f}ms (estimated) step:{step}/{h.iterations}: "
-                f"another step could end past {loop_cap_ms:.0f}ms (export quantisation reserved {reserve_ms:.0f}ms)")
+                f"another step could end past {loop_cap_ms:.0f}ms (export quantization reserved {reserve_ms:.0f}ms)")
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log(averager.apply())
@@ -2491,12 +2491,12 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     export, quantization_ms = timed_quantization()
     check_storable(export.state, export.formats, export.quantized)  # every rank holds the same weights: all stop together
     total_ms = rank_max(training_ms + quantization_ms, rt)  # the slowest rank's: every rank passes or fails together
-    log(f"training_budget: train_time:{training_ms:.0f}ms quantisation:{quantization_ms:.0f}ms "
+    log(f"training_budget: train_time:{training_ms:.0f}ms quantization:{quantization_ms:.0f}ms "
         f"total:{total_ms:.0f}ms cap:{cap_ms:.0f}ms method:{h.quant_method} "
         f"calibration_tokens:{calibration_batches * h.train_batch_tokens}")
     if cap_ms > 0 and total_ms > cap_ms:
-        raise RunError(f"training and export quantisation took {total_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
-                       f"the quantisation took longer than the {reserve_ms:.0f}ms reserved before the clock")
+        raise RunError(f"training and export quantization took {total_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
+                       f"the quantization took longer than the {reserve_ms:.0f}ms reserved before the clock")
     return export
 
 
@@ -2513,7 +2513,7 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
     _, zeroed = on_master(rt, lambda: export_artifact(export, h, artifact_path, h.target_bytes - CODE_BYTES))
-    log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
+    log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantized +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
     score_artifact(artifact_path, model, evaluator, h, log)
 
 

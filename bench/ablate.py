@@ -1,5 +1,5 @@
 """Proxy ablations, one run per GPU at a time: every ARM at every seed, each the 300 s one-GPU proxy
-run (bench/RESULTS.md, command P) plus the arm's settings, then a markdown table of the submission score (int6
+run (bench/RESULTS.md, command P) plus the arm's settings, then a markdown table of the submission score (quantized
 round trip, sliding window) against the first arm.
 
     DATA_PATH=... TOKENIZER_PATH=... python3 bench/ablate.py --seeds 1337,42 \\
@@ -97,7 +97,7 @@ def run_all(jobs: list[tuple[str, dict]], slots: int, gpus: int, workdir: Path) 
 
 
 def eval_seconds(run) -> str:
-    """The sliding evaluation's time (its `final_int6_sliding_window` line; the `_exact` one has none)."""
+    """The sliding evaluation's time (its `final_quant_sliding_window` line; the `_exact` one has none)."""
     line = run.evals.get(SCORE_LINE.removesuffix("_exact"))
     return f"{line.eval_time_ms / 1000:.1f}" if line and line.eval_time_ms is not None else "?"
 

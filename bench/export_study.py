@@ -1,5 +1,5 @@
 """Export study (bench/RESULTS.md, "The export"): the normal run of train_gpt.py with its settings from the environment, then the
-same post-average checkpoint exported with GPTQ-lite and round to nearest; bytes and sliding-window quantisation gaps.
+same post-average checkpoint exported with GPTQ-lite and round to nearest; bytes and sliding-window quantization gaps.
 
     DATA_PATH=... TOKENIZER_PATH=... <proxy settings> python3 bench/export_study.py
 """
@@ -29,6 +29,6 @@ def variants(log_, evaluator, h_):
         _, flat, _ = ev.score(False)
         _, slide, _ = ev.score(True)
         log(f"study {method} int{h.attn_bits}/{h.mlp_bits}: artifact:{len(blob)} total:{len(blob) + code} zeroed:{zeroed} "
-            f"quantise_s:{tq:.1f} roundtrip_nonoverlap_bpb:{flat:.5f} roundtrip_sliding_bpb:{slide:.5f} gap_sliding:{slide - seen['pre']:+.5f}")
+            f"quantize_s:{tq:.1f} roundtrip_nonoverlap_bpb:{flat:.5f} roundtrip_sliding_bpb:{slide:.5f} gap_sliding:{slide - seen['pre']:+.5f}")
 tg.train, tg.log_final_scores = capture_train, variants
 tg.main()

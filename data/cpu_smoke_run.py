@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The newcomer's run: on a CPU, with no GPU and no download, build the synthetic corpus and train a tiny model
-with train_gpt.py end to end (training, averaging, int6 export, round trip, sliding-window score).
+with train_gpt.py end to end (training, averaging, quantized export, round trip, sliding-window score).
 
     python data/cpu_smoke_run.py
 
@@ -27,7 +27,7 @@ from data.build_shards import DATA_DIR, exit_status  # noqa: E402
 import train_gpt  # noqa: E402
 from train_gpt import DataError  # noqa: E402
 
-# A scaled-down record configuration (same features: GQA, XSA, BigramHash, EMA, int6 export), small enough to
+# A scaled-down record configuration (same features: GQA, XSA, BigramHash, EMA, quantized export), small enough to
 # finish well inside 5 minutes on 2 CPU cores even when other programs slow them down several times over.
 # Steps are counted, not timed (MAX_WALLCLOCK_SECONDS=0), so every machine runs the same computation and prints
 # the same numbers. WARMUP_STEPS=0: the priming steps only matter for torch.compile, which is off.
@@ -37,7 +37,7 @@ TINY_RUN = dict(ITERATIONS=150, TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=256, GRAD
                 WARMDOWN_ITERS=50, MAX_WALLCLOCK_SECONDS=0, EMA_DECAY=0.9,  # 0.997 averages over too many of 150 steps
                 EVAL_SEQ_LEN=256, EVAL_STRIDE=64, EVAL_BATCH_SEQS=32, VAL_LOSS_EVERY=50, TRAIN_LOG_EVERY=25,
                 COMPILE=0, SEED=1337)
-FINAL_PREFIXES = ("final_int6_roundtrip", "final_int6_sliding_window")
+FINAL_PREFIXES = ("final_quant_roundtrip", "final_quant_sliding_window")
 
 
 def train_gpt_env(data_dir: Path, tokenizer: Path, vocab_size: int, run_id: str, **settings) -> dict[str, str]:

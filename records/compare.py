@@ -5,7 +5,7 @@ a table of the final figures. Reads our logs and the public record logs alike.
         records/track_10min_16mb/2026-03-23_X/train_seed1337.log --out compare.png
 
 writes compare.png and prints the table (also to --table FILE when given). The score is the
-`final_int6_sliding_window_exact` line of our logs (`final_ttt_exact` when there is one) and the last
+`final_quant_sliding_window_exact` line of our logs (`final_ttt_exact` when there is one) and the last
 non-diagnostic evaluation of a public log. A log that cannot be read or holds no training lines is left
 out with a warning naming it; a failed run (an `error:` line, cut short, a non-finite score) is plotted
 with its score left out and a warning saying why.

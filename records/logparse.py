@@ -29,11 +29,11 @@ MAX_TOTAL_BYTES = 16_000_000
 MAX_TRAIN_TIME_MS = 600_000
 MAX_EVAL_TIME_MS = 600_000
 
-# The submission score of our script: int6 round trip, sliding-window evaluation, 8 decimals; or, when the
+# The submission score of our script: quantized round trip, sliding-window evaluation, 8 decimals; or, when the
 # script evaluates with test-time training, the `final_ttt_exact` line it prints after the sliding window.
-SCORE_LINE = "final_int6_sliding_window_exact"
+SCORE_LINE = "final_quant_sliding_window_exact"
 TTT_SCORE_LINE = "final_ttt_exact"
-# Our lines under their current names; `final_quant_*` (or another integer width) is read as the same line.
+# Our lines under their current names; `final_int6_*` (earlier versions, or another integer width) is read as the same line.
 OUR_LINE_ALIASES = re.compile(r"^final_(?:int\d+|quant)_(?P<kind>roundtrip|sliding_window)(?P<exact>_exact)?$")
 
 SOURCE_HEADER = re.compile(rb"^==== source: (?P<name>\S+) bytes:(?P<size>\d+) sha256:(?P<sha>[0-9a-f]{64}) ====\r?\n", re.M)
@@ -64,11 +64,11 @@ ERROR_LINE = re.compile(r"^error:\s*(?P<message>.*)$")
 VOCAB_LINE = re.compile(r"^vocab_size:\s*(?P<n>\d+)\s*$")
 TOKENIZER_LINE = re.compile(r"^(?:tokenizer_path:\s*|val_bpb:enabled\b.*?\btokenizer_path=)(?P<path>\S+)")
 DATASET_LINE = re.compile(r"^train_loader:dataset:\S*?_sp(?P<n>\d+)\b")
-# The pre-quantisation evaluation: ours, the later records' (with and without `diagnostic`).
+# The pre-quantization evaluation: ours, the later records' (with and without `diagnostic`).
 PREQUANT_NAMES = ("post_average_prequant", "diagnostic pre-quantization post-ema", "pre-quantization post-ema")
 # Lines of a test-time-training evaluation in progress (`ttt_chunk [1/1893] ...`, `ttp: ...`, `beginning TTT eval timer`).
 TTT_PROGRESS = re.compile(r"^(?:ttt|ttp)\w*[:\s\[]|^beginning ttt", re.I)
-# Evaluations that are not a submission score: the pre-quantisation model, the post-EMA diagnostics.
+# Evaluations that are not a submission score: the pre-quantization model, the post-EMA diagnostics.
 DIAGNOSTIC_NAME = re.compile(r"^diagnostic\b|pre.?quant|post.?ema|post_average", re.I)
 
 
@@ -123,14 +123,14 @@ class RunLog:
     val: list[ValPoint] = field(default_factory=list)
     last_step: int | None = None         # from the last `step:` line of either kind
     last_train_time_ms: float | None = None
-    budget_total_ms: float | None = None  # `training_budget: ... total:` = training + export quantisation (GPTQ)
+    budget_total_ms: float | None = None  # `training_budget: ... total:` = training + export quantization (GPTQ)
     last_step_avg_ms: float | None = None
     stopped_early: bool = False
     evals: dict[str, Eval] = field(default_factory=dict)  # in log order; a repeated name keeps the last
     model_bytes: int | None = None
     code_bytes: int | None = None        # the counted code: `Code size:` or `Code size (compressed):`
     total_bytes: int | None = None
-    size_format: str | None = None       # e.g. int6+zstd, from the `Total submission size` line
+    size_format: str | None = None       # e.g. quant+zstd, from the `Total submission size` line
     errors: list[str] = field(default_factory=list)  # `error: ...` lines: the run failed
     public_vocab_size: int | None = None
     public_tokenizer: str | None = None
@@ -148,7 +148,7 @@ class RunLog:
     @property
     def training_ms(self) -> float | None:
         """Time charged to the 600 s training budget: the training loop plus, in our logs, the export
-        quantisation that uses training data (GPTQ calibration); the last `step:` line otherwise."""
+        quantization that uses training data (GPTQ calibration); the last `step:` line otherwise."""
         return self.budget_total_ms if self.budget_total_ms is not None else self.last_train_time_ms
 
     @property
@@ -179,7 +179,7 @@ class RunLog:
         return os.path.basename(path.rstrip("/")) or None if path else None
 
     def prequant(self) -> Eval | None:
-        """The evaluation of the trained weights before quantisation: ours, or the later records' diagnostic line."""
+        """The evaluation of the trained weights before quantization: ours, or the later records' diagnostic line."""
         return next((self.evals[n] for n in PREQUANT_NAMES if n in self.evals), None)
 
     def eval(self, name: str) -> Eval | None:
@@ -195,7 +195,7 @@ class RunLog:
 
     def score(self) -> Eval | None:
         """The score line, or None. Our logs: `final_ttt_exact` when the script evaluated with test-time
-        training, else `final_int6_sliding_window_exact`. Public logs: their last evaluation that is not a
+        training, else `final_quant_sliding_window_exact`. Public logs: their last evaluation that is not a
         diagnostic one (the record scripts print their submission score last: legal_ttt_exact after the
         sliding window, quantized_ttt_phased after `diagnostic quantized`), as its `_exact` twin where it has one.
         It may still be a failed run's: the tools take scores through `final_score()`."""

@@ -39,8 +39,8 @@ RECORD_TRACK = "10min_16mb"
 RECORD_GPUS = 8
 # Lines after training that a complete log of ours has (besides the final `step:` validation line).
 PREQUANT_LINE = "post_average_prequant"
-SCORE_EVAL_LINE = "final_int6_sliding_window"  # the non-exact score line carries eval_time
-FINAL_EVALS = (PREQUANT_LINE, "final_int6_roundtrip_exact", SCORE_EVAL_LINE, SCORE_LINE)
+SCORE_EVAL_LINE = "final_quant_sliding_window"  # the non-exact score line carries eval_time
+FINAL_EVALS = (PREQUANT_LINE, "final_quant_roundtrip_exact", SCORE_EVAL_LINE, SCORE_LINE)
 TTT_EVAL_LINE = "final_ttt"  # with test-time training, the score is final_ttt_exact, after the sliding window
 # Settings that may differ between the seeds of one submission.
 PER_RUN_SETTINGS = {"SEED", "RUN_ID", "DATA_PATH", "TOKENIZER_PATH"}
@@ -72,7 +72,7 @@ def first_difference(a: bytes, b: bytes) -> int:
 
 
 def score_eval_line(run: RunLog):
-    """The non-exact line of the score, which carries its eval_time: final_ttt, or final_int6_sliding_window."""
+    """The non-exact line of the score, which carries its eval_time: final_ttt, or final_quant_sliding_window."""
     return run.evals.get(TTT_EVAL_LINE) if TTT_SCORE_LINE in run.evals else run.eval(SCORE_EVAL_LINE)
 
 
@@ -283,8 +283,8 @@ def readme_text(sub: dict, runs: list[RunLog], track: str) -> str:
     command = " \\\n".join([f"{k}={shlex.quote(v)}" for k, v in sorted(settings.items())] +
                            ["SEED=<seed> torchrun --standalone --nproc_per_node=8 train_gpt.py"])
     seeds = " ".join(str(s) for s in sub["seeds"])
-    score_kind = ("int6 round trip, test-time training after the sliding-window evaluation" if sub["score_line"] == TTT_SCORE_LINE
-                  else "int6 round trip, sliding-window evaluation")
+    score_kind = ("quantized round trip, test-time training after the sliding-window evaluation" if sub["score_line"] == TTT_SCORE_LINE
+                  else "quantized round trip, sliding-window evaluation")
     time_rule = ("- [x] training at most 600 s and the scoring evaluation at most 600 s for every seed (checked by `records/package.py`)"
                  if track == RECORD_TRACK else "- [ ] non-record track: the 600 s limits are not checked; say here how long training took")
     return f"""# {sub['name']}

@@ -27,7 +27,7 @@ TOKENIZER_8192 = "/workspace/data/tokenizers/fineweb_8192_bpe.model"
 
 def write_log(path, *, seed=1337, val_loss=1.9031, val_bpb=1.1271, source=SOURCE, steps=7103,
               train_time_ms=599_912.0, model_bytes=15_468_512, code_bytes=None, total_bytes=None,
-              eval_time_ms=70_000, gpus=(H100,) * 8, settings=None, drop=(), quantisation_ms=None,
+              eval_time_ms=70_000, gpus=(H100,) * 8, settings=None, drop=(), quantization_ms=None,
               ttt=None, ttt_eval_time_ms=400_000, append=(), rename=None, versions=None) -> Path:
     """Write one seed's log and return its path. val_loss/val_bpb are the score (sliding window, exact).
     ttt=(loss, bpb) adds test-time-training progress lines and `final_ttt` / `final_ttt_exact` after the
@@ -51,17 +51,17 @@ def write_log(path, *, seed=1337, val_loss=1.9031, val_bpb=1.1271, source=SOURCE
     lines += [
         f"step:{steps}/{iterations} val_loss:{val_loss + 0.026:.4f} val_bpb:{val_bpb + 0.0155:.4f} train_time:{train_time_ms:.0f}ms step_avg:{step_avg:.2f}ms",
         "peak memory allocated: 20409 MiB reserved: 20746 MiB",
-        *([f"training_budget: train_time:{train_time_ms:.0f}ms quantisation:{quantisation_ms:.0f}ms "
-           f"total:{train_time_ms + quantisation_ms:.0f}ms cap:600000ms method:gptq calibration_tokens:786432"]
-          if quantisation_ms is not None else []),
+        *([f"training_budget: train_time:{train_time_ms:.0f}ms quantization:{quantization_ms:.0f}ms "
+           f"total:{train_time_ms + quantization_ms:.0f}ms cap:600000ms method:gptq calibration_tokens:786432"]
+          if quantization_ms is not None else []),
         f"post_average_prequant val_loss:{val_loss + 0.0259:.4f} val_bpb:{val_bpb + 0.0154:.4f} eval_time:1800ms",
-        f"Serialized model int6+zstd: {model_bytes} bytes",
+        f"Serialized model quant+zstd: {model_bytes} bytes",
         f"Code size: {code_bytes} bytes",
-        f"Total submission size int6+zstd: {total_bytes} bytes",
-        f"final_int6_roundtrip val_loss:{val_loss + 0.0373:.4f} val_bpb:{val_bpb + 0.0223:.4f} eval_time:1843ms",
-        f"final_int6_roundtrip_exact val_loss:{val_loss + 0.0373:.8f} val_bpb:{val_bpb + 0.0223:.8f}",
-        f"final_int6_sliding_window val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} stride:64 eval_time:{eval_time_ms}ms",
-        f"final_int6_sliding_window_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}",
+        f"Total submission size quant+zstd: {total_bytes} bytes",
+        f"final_quant_roundtrip val_loss:{val_loss + 0.0373:.4f} val_bpb:{val_bpb + 0.0223:.4f} eval_time:1843ms",
+        f"final_quant_roundtrip_exact val_loss:{val_loss + 0.0373:.8f} val_bpb:{val_bpb + 0.0223:.8f}",
+        f"final_quant_sliding_window val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} stride:64 eval_time:{eval_time_ms}ms",
+        f"final_quant_sliding_window_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}",
     ]
     if ttt is not None:
         lines += ["ttt_start chunks:1893", "ttt_chunk [1/1893] bpb=1.159980 time=0.5s",

@@ -41,14 +41,14 @@ def scores(lines, prefix):
 def test_run_writes_its_log_and_artifact(run):
     root, _, lines = run
     assert (root / "logs" / "learning.txt").is_file() and (root / "logs" / "learning.model.zst").is_file()
-    assert len(scores(lines, r"final_int6_sliding_window_exact")) == 1
+    assert len(scores(lines, r"final_quant_sliding_window_exact")) == 1
 
 
 def test_val_bpb_stays_above_the_entropy_bound_and_falls_toward_it(run):
     _, info, lines = run
     bound = info["entropy_bits_per_byte"]
     curve = [bpb for _, bpb in scores(lines, r"step:\d+/\d+")]
-    finals = [bpb for _, bpb in scores(lines, r"final_int6_\w+")]
+    finals = [bpb for _, bpb in scores(lines, r"final_quant_\w+")]
     assert len(curve) == 4 and len(finals) == 4  # steps 0, 20, 40, 60; four final lines
     # B bounds the expected score; on this finite sample the true chain's own score is the floor too.
     assert all(bpb > max(bound, info["val_true_model_bits_per_byte"]) for bpb in curve + finals)
@@ -62,12 +62,12 @@ def test_reported_bpb_is_loss_times_tokens_per_byte(run):
     val = train_gpt.load_shard(root / "shards" / "fineweb_val_000000.bin")
     n_targets = val.size - 1
     # Sliding window: every target is scored, and the generator knows how many bytes they cover.
-    (loss, bpb), = scores(lines, "final_int6_sliding_window_exact")
+    (loss, bpb), = scores(lines, "final_quant_sliding_window_exact")
     assert bpb == pytest.approx(loss / math.log(2) * n_targets / info["val_bytes"], rel=1e-6)
     # Non-overlapping windows drop the ragged tail: count the bytes of the targets they score by decoding them.
     sp = spm.SentencePieceProcessor(model_file=str(root / "tok.model"))
     scored = val[:1 + n_targets // EVAL_SEQ_LEN * EVAL_SEQ_LEN]
     starts = list(np.flatnonzero(scored == train_gpt.BOS_ID)) + [scored.size]
     n_bytes = sum(len(sp.decode(scored[a + 1:b].tolist()).encode()) for a, b in zip(starts, starts[1:]))
-    (loss, bpb), = scores(lines, "final_int6_roundtrip_exact")
+    (loss, bpb), = scores(lines, "final_quant_roundtrip_exact")
     assert bpb == pytest.approx(loss / math.log(2) * (scored.size - 1) / n_bytes, rel=1e-6)

@@ -23,7 +23,7 @@ def test_plot_and_table_for_our_logs_and_a_public_log(tmp_path, capsys):
     header, rule, row_ours, row_public = table.splitlines()
     assert header.split()[:3] == ["run", "seed", "steps"] and set(rule) == {"-"}
     assert row_ours.split() == ["ours", "42", "7103", "599.9", "84.46", "1.1431", "1.90412345", "1.12770123",
-                                "final_int6_sliding_window_exact", "15,468,585"]
+                                "final_quant_sliding_window_exact", "15,468,585"]
     assert row_public.split() == ["record", "2025", "7179", "600.1", "83.59", "-", "1.88976776", "1.11922988",
                                   "legal_ttt_exact", "15,977,386"]
 

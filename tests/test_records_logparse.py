@@ -24,7 +24,7 @@ def test_our_log(tmp_path):
     assert (run.model_bytes, run.code_bytes, run.total_bytes) == (15_468_512, len(SOURCE), 15_468_512 + len(SOURCE))
     score = run.score()
     assert (score.name, score.val_loss, score.val_bpb) == (SCORE_LINE, 1.90412345, 1.12770123)
-    assert run.evals["final_int6_sliding_window"].eval_time_ms == 70_000
+    assert run.evals["final_quant_sliding_window"].eval_time_ms == 70_000
 
 
 def test_source_lines_are_not_log_lines(tmp_path):
@@ -131,11 +131,12 @@ def test_our_ttt_score_line(tmp_path):
         cut.final_score()
 
 
-def test_final_quant_names_are_our_lines_too(tmp_path):
-    run = parse_log(write_log(tmp_path / "q.txt", val_loss=1.90123456, rename={"final_int6_": "final_quant_"}))
-    assert "final_int6_sliding_window_exact" not in run.evals
-    assert run.final_score().val_loss == 1.90123456 and run.final_score().name == "final_quant_sliding_window_exact"
-    assert run.eval("final_int6_sliding_window").eval_time_ms == 70_000 and run.eval("final_int6_roundtrip_exact") is not None
+def test_the_older_int6_names_are_our_lines_too(tmp_path):
+    """Logs of earlier versions name the lines final_int6_*: read as the same lines."""
+    run = parse_log(write_log(tmp_path / "q.txt", val_loss=1.90123456, rename={"final_quant_": "final_int6_"}))
+    assert "final_quant_sliding_window_exact" not in run.evals
+    assert run.final_score().val_loss == 1.90123456 and run.final_score().name == "final_int6_sliding_window_exact"
+    assert run.eval("final_quant_sliding_window").eval_time_ms == 70_000 and run.eval("final_quant_roundtrip_exact") is not None
 
 
 def test_a_log_with_an_error_line_is_a_failed_run(tmp_path):
@@ -148,8 +149,8 @@ def test_a_log_with_an_error_line_is_a_failed_run(tmp_path):
 @pytest.mark.parametrize("loss, bpb", [("nan", "1.1"), ("1.9", "inf"), ("-inf", "nan")])
 def test_non_finite_scores_are_refused(tmp_path, loss, bpb):
     path = write_log(tmp_path / "n.txt")
-    text = path.read_text().replace("final_int6_sliding_window_exact val_loss:1.90310000 val_bpb:1.12710000",
-                                    f"final_int6_sliding_window_exact val_loss:{loss} val_bpb:{bpb}")
+    text = path.read_text().replace("final_quant_sliding_window_exact val_loss:1.90310000 val_bpb:1.12710000",
+                                    f"final_quant_sliding_window_exact val_loss:{loss} val_bpb:{bpb}")
     path.write_text(text)
     with pytest.raises(InputError, match="the score is not a finite number"):
         parse_log(path).final_score()

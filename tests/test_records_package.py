@@ -109,10 +109,10 @@ def test_command_refuses_with_one_line_and_status_1(tmp_path):
 
 @pytest.mark.parametrize("changes, expected", [
     ({"s42": {"model_bytes": 16_000_063 - len(FORM)}}, "seed 42 (run_s42.txt): total submission size 16,000,063 bytes is over 16,000,000"),
-    ({"s2025": {"drop": ("final_int6_sliding_window_exact",)}}, "run_s2025.txt lacks the final lines: final_int6_sliding_window_exact"),
+    ({"s2025": {"drop": ("final_quant_sliding_window_exact",)}}, "run_s2025.txt lacks the final lines: final_quant_sliding_window_exact"),
     ({"s2025": {"drop": ("Total submission size",)}}, "lacks the final lines: Total submission size"),
     ({"s1337": {"train_time_ms": 600_001.0}}, "seed 1337 (run_s1337.txt): training took 600001ms, over 600000ms"),
-    ({"s1337": {"train_time_ms": 597_000.0, "quantisation_ms": 3_500.0}},
+    ({"s1337": {"train_time_ms": 597_000.0, "quantization_ms": 3_500.0}},
      "seed 1337 (run_s1337.txt): training took 600500ms, over 600000ms"),  # the GPTQ time counts
     ({"s42": {"eval_time_ms": 600_500}}, "the scoring evaluation took 600500ms"),
     ({"s42": {"source": SCRIPT + b"# changed\n"}}, "the logs come from different code"),
@@ -201,8 +201,8 @@ def replace_in(path, old, new):
 
 
 @pytest.mark.parametrize("old, new, expected", [
-    ("final_int6_sliding_window_exact val_loss:1.90412345", "final_int6_sliding_window_exact val_loss:nan",
-     "run_s42.txt: final_int6_sliding_window_exact val_loss:nan val_bpb:1.12770123; expected finite numbers"),
+    ("final_quant_sliding_window_exact val_loss:1.90412345", "final_quant_sliding_window_exact val_loss:nan",
+     "run_s42.txt: final_quant_sliding_window_exact val_loss:nan val_bpb:1.12770123; expected finite numbers"),
     ("post_average_prequant val_loss:1.9300 val_bpb:1.1431", "post_average_prequant val_loss:1.9300 val_bpb:inf",
      "run_s42.txt: post_average_prequant val_loss:1.93 val_bpb:inf; expected finite numbers"),
 ])
@@ -283,7 +283,7 @@ def test_ttt_refusals(tmp_path, changes, expected):
 
 
 def test_final_quant_names_are_packaged(tmp_path):
-    logs = three_logs(tmp_path, **{f"s{seed}": {"rename": {"final_int6_": "final_quant_"}} for seed in SCORES})
+    logs = three_logs(tmp_path, **{f"s{seed}": {"rename": {"final_quant_": "final_quant_"}} for seed in SCORES})
     package.main(package_args(tmp_path, logs))
     sub = json.loads((tmp_path / "out" / "2026-03-25_Test_run" / "submission.json").read_text())
     assert sub["score_line"] == "final_quant_sliding_window_exact" and sub["seed_results"]["42"]["val_loss"] == SCORES[42][0]

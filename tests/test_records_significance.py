@@ -230,7 +230,7 @@ def test_a_failed_log_is_not_a_score(tmp_path, capsys):
 
 def nan_log(path):
     path = write_log(path)
-    path.write_text(path.read_text().replace("final_int6_sliding_window_exact val_loss:1.90310000", "final_int6_sliding_window_exact val_loss:nan"))
+    path.write_text(path.read_text().replace("final_quant_sliding_window_exact val_loss:1.90310000", "final_quant_sliding_window_exact val_loss:nan"))
     return path
 
 

@@ -21,17 +21,17 @@ def logged_int(log: str, prefix: str) -> int:
 def test_a_binding_target_counts_the_code_bytes(run):
     free = run(RUN_ID="free", **WIDE)
     assert free.returncode == 0, free.stderr
-    unpruned = logged_int(free.stdout, "Serialized model int6\\+zstd: ")
+    unpruned = logged_int(free.stdout, "Serialized model quant\\+zstd: ")
     code = logged_int(free.stdout, "Code size: ")
     assert code == tg.CODE_BYTES == len(tg.self_extracting(tg.SOURCE)) < len(tg.SOURCE)  # the counted form
     target = code + unpruned - 3000
     fitted = run(RUN_ID="fitted", TARGET_BYTES=str(target), **WIDE)
     assert fitted.returncode == 0, fitted.stderr
-    artifact = logged_int(fitted.stdout, "Serialized model int6\\+zstd: ")
-    assert logged_int(fitted.stdout, "Total submission size int6\\+zstd: ") == artifact + code <= target
+    artifact = logged_int(fitted.stdout, "Serialized model quant\\+zstd: ")
+    assert logged_int(fitted.stdout, "Total submission size quant\\+zstd: ") == artifact + code <= target
     assert artifact > target - len(tg.SOURCE), "fitted to TARGET_BYTES less the counted code, not less the raw source"
     assert (run.cwd / "logs/fitted.model.zst").stat().st_size == artifact
-    zeroed = int(re.search(r"(\d+) quantised \+-1 values zeroed to fit TARGET_BYTES=", fitted.stdout).group(1))
+    zeroed = int(re.search(r"(\d+) quantized \+-1 values zeroed to fit TARGET_BYTES=", fitted.stdout).group(1))
     assert zeroed > 0
 
 
@@ -61,7 +61,7 @@ def test_a_target_that_cannot_be_met_is_refused_at_start(run, target, message):
 def test_a_reserve_at_or_above_the_time_cap_is_refused_before_training(run):
     result = run(RUN_ID="reserve", MAX_WALLCLOCK_SECONDS="0.001")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert re.fullmatch(r"error: the export quantisation needs \d+ms reserved, at or above MAX_WALLCLOCK_SECONDS=0\.001: "
+    assert re.fullmatch(r"error: the export quantization needs \d+ms reserved, at or above MAX_WALLCLOCK_SECONDS=0\.001: "
                         r"no time would be left to train .*", result.stderr.strip().splitlines()[-1]), result.stderr
     log = (run.cwd / "logs/reserve.txt").read_text().split("\n==== end of source ====\n")[1]
     assert "step:1/" not in log and not (run.cwd / "logs/reserve.model.zst").exists()
@@ -72,7 +72,7 @@ def test_diverged_weights_stop_the_run_naming_the_tensor(run):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.fullmatch(r"error: (tensor \S+ (holds|has) .*: no artifact is written .*|train_loss is (nan|inf) at step \d+: .*)",
                         result.stderr.strip().splitlines()[-1]), result.stderr
-    assert not (run.cwd / "logs/diverged.model.zst").exists() and "final_int6" not in result.stdout
+    assert not (run.cwd / "logs/diverged.model.zst").exists() and "final_quant" not in result.stdout
 
 
 @pytest.mark.parametrize("fmt, value, problem", [
@@ -105,7 +105,7 @@ def test_a_score_that_is_not_finite_fails_the_run():
         tg.log_final_scores(lines.append, Diverged(), tg.Hyperparameters())
     assert lines == []  # no final_ line with nan for tools to read
     tg.log_final_scores(lines.append, Fine(), tg.Hyperparameters())
-    assert len(lines) == 4 and all(line.startswith("final_int6_") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("final_quant_") for line in lines)
 
 
 def on_master_worker(rank, world_size, init_file, out_file):
@@ -162,7 +162,7 @@ def test_an_impossible_target_fails_every_rank_with_rank_0s_reason(tmp_path, tin
 def test_an_impossible_target_under_torchrun_is_one_error_line(run):
     result = run(nproc=2, RUN_ID="nofit", GRAD_ACCUM_STEPS="1", TARGET_BYTES=str(tg.CODE_BYTES + 2000), timeout=240, **WIDE)
     assert result.returncode != 0
-    assert re.search(r"^error: the artifact cannot fit \d+ bytes even with all \d+ quantised \+-1 values zeroed", result.stderr, re.M), result.stderr
+    assert re.search(r"^error: the artifact cannot fit \d+ bytes even with all \d+ quantized \+-1 values zeroed", result.stderr, re.M), result.stderr
     assert (run.cwd / "logs/nofit.txt").read_text().rstrip().splitlines()[-1].startswith("error: the artifact cannot fit")
 
 
@@ -177,4 +177,4 @@ def test_rescoring_an_artifact_over_the_cap_is_refused_before_scoring(run):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.fullmatch(r"error: total submission size \d+ bytes is over the 16,000,000-byte cap by \d+ bytes",
                         result.stderr.strip().splitlines()[-1]), result.stderr
-    assert "final_int6" not in result.stdout
+    assert "final_quant" not in result.stdout

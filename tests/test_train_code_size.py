@@ -11,7 +11,7 @@ import pytest
 import train_gpt as tg
 from conftest import REPO, run_script
 
-SCORE_LINES = ("final_int6_roundtrip_exact ", "final_int6_sliding_window_exact ")
+SCORE_LINES = ("final_quant_roundtrip_exact ", "final_quant_sliding_window_exact ")
 
 
 def unpacked(form: bytes) -> tuple[bytes, str, list[str]]:

@@ -8,10 +8,10 @@ import pytest
 import train_gpt as tg
 
 FINAL = [
-    r"final_int6_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms",
-    r"final_int6_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
-    r"final_int6_sliding_window val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} stride:16 eval_time:\d+ms",
-    r"final_int6_sliding_window_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
+    r"final_quant_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms",
+    r"final_quant_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
+    r"final_quant_sliding_window val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} stride:16 eval_time:\d+ms",
+    r"final_quant_sliding_window_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
 ]
 
 
@@ -62,9 +62,9 @@ def test_log_embeds_the_source_and_the_sizes_add_up(trained):
     header = f"==== source: train_gpt.py bytes:{len(source)} sha256:{hashlib.sha256(source).hexdigest()} ====\n".encode()
     assert log.startswith(header + source + b"==== end of source ====\n")
     text = log.decode()
-    artifact = int(re.search(r"^Serialized model int6\+zstd: (\d+) bytes$", text, re.M).group(1))
+    artifact = int(re.search(r"^Serialized model quant\+zstd: (\d+) bytes$", text, re.M).group(1))
     code = int(re.search(r"^Code size: (\d+) bytes$", text, re.M).group(1))
-    total = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes$", text, re.M).group(1))
+    total = int(re.search(r"^Total submission size quant\+zstd: (\d+) bytes$", text, re.M).group(1))
     # the code counted is the self-extracting form of the source; the next line names the source itself
     assert code == len(tg.self_extracting(source)) < len(source)
     assert f"\nCode size: {code} bytes\nCode source: {len(source)} bytes sha256:{hashlib.sha256(source).hexdigest()} (counted as its self-extracting form)\n" in text
@@ -82,7 +82,7 @@ def test_rescoring_the_artifact_reproduces_the_final_scores(trained, tiny_corpus
     result = run_script(cwd, tiny_corpus, RUN_ID="rescore2", EVAL_ARTIFACT="logs/tiny.model.zst")
     assert result.returncode == 0, result.stderr
     trained_log, rescored = (cwd / "logs/tiny.txt").read_text(), (cwd / "logs/rescore2.txt").read_text()
-    for prefix in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
+    for prefix in ("final_quant_roundtrip_exact", "final_quant_sliding_window_exact"):
         line = re.search(rf"^{prefix} .*$", trained_log, re.M).group(0)
         assert line in rescored.splitlines()
     assert "step:" not in body(rescored)  # no training happened
@@ -121,7 +121,7 @@ def test_two_ranks_stop_together_under_a_time_cap(run):
     assert result.returncode == 0, result.stderr
     log = body((run.cwd / "logs/cap2.txt").read_text())
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms \(estimated\) step:(\d+)/100000", log, re.M)
-    budget = re.search(r"^training_budget: train_time:(\d+)ms quantisation:(\d+)ms total:(\d+)ms cap:2000ms", log, re.M)
+    budget = re.search(r"^training_budget: train_time:(\d+)ms quantization:(\d+)ms total:(\d+)ms cap:2000ms", log, re.M)
     assert stop and budget and int(stop.group(2)) > 2 and int(budget.group(3)) <= 2000
     assert re.search(rf"^step:{stop.group(2)}/100000 val_loss", log, re.M)
 
@@ -135,5 +135,5 @@ def test_two_ranks_train_exactly_like_one(run):
     assert "world_size:2 grad_accum_steps:1" in logs[1]
     losses = [values(log, r"step:\d+/6 ", "train_loss") for log in logs]
     assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], abs=2e-4)
-    finals = [values(log, "final_int6_sliding_window_exact", "val_bpb") for log in logs]
+    finals = [values(log, "final_quant_sliding_window_exact", "val_bpb") for log in logs]
     assert finals[0] == pytest.approx(finals[1], abs=1e-4)

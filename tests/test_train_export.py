@@ -1,4 +1,4 @@
-"""Quantise -> pack -> compress -> decompress -> unpack -> dequantise, and loading without pickle."""
+"""Quantize -> pack -> compress -> decompress -> unpack -> dequantize, and loading without pickle."""
 import pickle
 
 import pytest
@@ -9,7 +9,7 @@ from test_train_model import tiny_h
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
-def test_per_row_quantisation_error_is_at_most_half_a_step(bits):
+def test_per_row_quantization_error_is_at_most_half_a_step(bits):
     torch.manual_seed(bits)
     w = torch.randn(64, 300) * torch.logspace(-4, 1, 64)[:, None]  # rows of very different scales
     q, scale = tg.quantize_rows(w, bits)

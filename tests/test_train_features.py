@@ -408,21 +408,21 @@ def assert_state_equals(state, expected, live):
         assert moved > 1e-3, "the average equals the live weights: the check would not see a missing average"
 
 
-# Late QAT: MLP matrices of 160 x 480 (76,800 elements) are exported as int4, so they are fake-quantised.
+# Late QAT: MLP matrices of 160 x 480 (76,800 elements) are exported as int4, so they are fake-quantized.
 QAT_THRESHOLD = 0.35
 
 
 @pytest.fixture(scope="module")
 def ema_qat_run(shards):
     """An EMA run with late QAT, recording for each forward of blocks[0].mlp.fc whether its output is that
-    of the fake-quantised weight or of the plain one."""
+    of the fake-quantized weight or of the plain one."""
     qat = []
 
     def classify(module, args, out):
         x = args[0].detach()
-        quantised = F.linear(x, tg.fake_quantize(module.weight.detach(), 4))
+        quantized = F.linear(x, tg.fake_quantize(module.weight.detach(), 4))
         plain = F.linear(x, module.weight.detach())
-        qat.append((torch.allclose(out, quantised, rtol=1e-4, atol=1e-5), torch.allclose(out, plain, rtol=1e-4, atol=1e-5)))
+        qat.append((torch.allclose(out, quantized, rtol=1e-4, atol=1e-5), torch.allclose(out, plain, rtol=1e-4, atol=1e-5)))
 
     original_build = tg.build_model
 
@@ -464,11 +464,11 @@ def test_train_exports_the_live_weights_without_an_average(shards):
 
 def test_late_qat_switches_on_in_the_last_steps_of_training(ema_qat_run):
     """The priming steps and every step whose LR scale is at or above LATE_QAT_THRESHOLD run on the plain
-    weights; from the first step below it, the forward uses the fake-quantised (int4 per row) weights."""
+    weights; from the first step below it, the forward uses the fake-quantized (int4 per row) weights."""
     qat = ema_qat_run["qat"]
     assert len(qat) == WARMUP + ITERATIONS  # one forward per step: nothing else ran the model
     expected = [False] * WARMUP + [lr_at(s) < QAT_THRESHOLD for s in range(ITERATIONS)]
     assert expected.count(True) == 3  # steps 9, 10, 11
-    assert [quantised for quantised, _ in qat] == expected
+    assert [quantized for quantized, _ in qat] == expected
     assert [plain for _, plain in qat] == [not e for e in expected]  # the two outputs are distinguishable
     assert any(line.startswith("late_qat: on from step:9 ") for line in ema_qat_run["log"])

@@ -167,5 +167,5 @@ def test_a_signal_ends_the_log_with_an_error_line(tmp_path, tiny_corpus, signum)
 
 def test_a_run_that_fails_after_training_ends_its_log_with_the_error_and_prints_no_score(run):
     result = run(RUN_ID="nan", TIED_EMBED_LR="1e30", SCALAR_LR="1e30", MATRIX_LR="1e30", GRAD_CLIP_NORM="0")
-    assert result.returncode == 2 and "final_int6" not in result.stdout
+    assert result.returncode == 2 and "final_quant" not in result.stdout
     assert last_line(run.cwd / "logs/nan.txt").startswith("error: ") and leftovers(run.cwd) == []

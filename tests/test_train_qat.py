@@ -1,16 +1,16 @@
-"""Late QAT: once switched on, the forward uses the fake-quantised weights, also in a compiled graph."""
+"""Late QAT: once switched on, the forward uses the fake-quantized weights, also in a compiled graph."""
 import pytest
 import torch
 
 import train_gpt as tg
 
-# 160 x 480 = 76,800 elements: above the fp16 threshold, so exported (and fake-quantised) as intN (N = MLP_BITS).
+# 160 x 480 = 76,800 elements: above the fp16 threshold, so exported (and fake-quantized) as intN (N = MLP_BITS).
 H = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=160, num_heads=4, num_kv_heads=2, mlp_mult=3.0,
                        bigram_vocab_size=0, train_seq_len=16, eval_seq_len=16, late_qat_threshold=0.15,
                        attn_bits=3, mlp_bits=3)  # coarse, so the switch moves the loss far beyond rounding noise
 
 
-def quantised_copy(model):
+def quantized_copy(model):
     copy = tg.build_model(H)
     copy.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -29,7 +29,7 @@ def check_switch(forward, model):
         assert tg.set_late_qat(model, True) == 4  # the two MLP matrices of each block; attention ones are fp16
         after = forward(idx, idx)
         tg.set_late_qat(model, False)
-        reference = quantised_copy(model)(idx, idx)
+        reference = quantized_copy(model)(idx, idx)
     # Compiled kernels round differently from eager ones (about 1e-4 here); the switch moves far more.
     torch.testing.assert_close(after, reference, rtol=0, atol=5e-4)
     assert (after - before).abs().max() > 20 * 5e-4

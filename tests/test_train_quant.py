@@ -1,4 +1,4 @@
-"""Export quantisation: GPTQ-lite per row, full GPTQ, and the size target."""
+"""Export quantization: GPTQ-lite per row, full GPTQ, and the size target."""
 import re
 
 import pytest
@@ -85,30 +85,30 @@ def test_size_target_prunes_cheapest_ones_until_it_fits():
 
 def test_size_target_refuses_an_impossible_budget():
     state, formats, quantized = random_export()
-    with pytest.raises(tg.RunError, match=r"cannot fit 1000 bytes even with all \d+ quantised \+-1 values zeroed .* lower MLP_BITS or ATTN_BITS"):
+    with pytest.raises(tg.RunError, match=r"cannot fit 1000 bytes even with all \d+ quantized \+-1 values zeroed .* lower MLP_BITS or ATTN_BITS"):
         tg.fit_to_budget(state, formats, quantized, {}, {}, 1000)
 
 
-def test_calibration_and_quantisation_are_charged_to_the_training_clock(run):
+def test_calibration_and_quantization_are_charged_to_the_training_clock(run):
     # A real time cap on the tiny model: the loop must leave room for the (measured) GPTQ work.
     result = run(RUN_ID="gptq", QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="2", ITERATIONS="100000", WARMDOWN_ITERS="20",
                  MODEL_DIM="128", MLP_MULT="4", NUM_HEADS="4", NUM_KV_HEADS="2")
     assert result.returncode == 0, result.stderr
     log = (run.cwd / "logs/gptq.txt").read_text()
-    cold, warm, reserved = map(float, re.search(r"two export quantisations \(cold:(\d+)ms warm:(\d+)ms reserved:(\d+)ms\)", log).groups())
+    cold, warm, reserved = map(float, re.search(r"two export quantizations \(cold:(\d+)ms warm:(\d+)ms reserved:(\d+)ms\)", log).groups())
     assert abs(reserved - min(cold, tg.RESERVE_FACTOR * warm)) <= 1
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms .*reserved (\d+)ms", log, re.M)
-    budget = re.search(r"^training_budget: train_time:(\d+)ms quantisation:(\d+)ms total:(\d+)ms cap:2000ms method:gptq "
+    budget = re.search(r"^training_budget: train_time:(\d+)ms quantization:(\d+)ms total:(\d+)ms cap:2000ms method:gptq "
                        r"calibration_tokens:1024$", log, re.M)
     assert stop and budget and reserved > 0
     train_ms, quant_ms, total_ms = map(int, budget.groups())
     assert int(stop.group(1)) + reserved <= 2000 and total_ms <= 2000
     assert abs(total_ms - (train_ms + quant_ms)) <= 1  # each figure is rounded to a whole millisecond
-    assert "int" in log and re.search(r"^artifact: .*\(gptq; 0 quantised \+-1 values zeroed", log, re.M)
+    assert "int" in log and re.search(r"^artifact: .*\(gptq; 0 quantized \+-1 values zeroed", log, re.M)
 
 
 def test_gptq_rounds_the_tied_embedding_against_its_output_inputs():
-    """With QUANT_METHOD=gptq and GPTQ_EMBED=1 the tied embedding is quantised by GPTQ with the Hessian of the output layer's
+    """With QUANT_METHOD=gptq and GPTQ_EMBED=1 the tied embedding is quantized by GPTQ with the Hessian of the output layer's
     inputs (collect_hessians adds it): the logits' error on those inputs is below round-to-nearest's."""
     from test_train_eval import CpuRuntime
     from test_train_model import tiny_h

@@ -23,8 +23,8 @@ def test_rank_max_and_step_records_give_every_rank_the_same_figures(tmp_path):
     assert results[0] == results[1] == [1001.0, [0.5, 105.0]]
 
 
-def slow_quantisation_worker(rank, world_size, init_file, corpus, out_dir, delays_s):
-    """train() under a 2 s cap on two gloo ranks, where rank 1's export quantisations (two timed before
+def slow_quantization_worker(rank, world_size, init_file, corpus, out_dir, delays_s):
+    """train() under a 2 s cap on two gloo ranks, where rank 1's export quantizations (two timed before
     the clock and reserved from the cap, then the export itself) each take delays_s[i] longer than
     rank 0's. Saves the RunError message each rank raised, or None."""
     with gloo_ranks(rank, world_size, init_file, timeout_s=60):  # a disagreement fails in a minute, not in 30
@@ -55,11 +55,11 @@ def slow_quantisation_worker(rank, world_size, init_file, corpus, out_dir, delay
 
 
 def run_two_ranks(tmp_path, corpus, delays_s) -> tuple[str, list]:
-    mp.spawn(slow_quantisation_worker, args=(2, str(tmp_path / "init"), corpus, tmp_path, delays_s), nprocs=2, join=True)
+    mp.spawn(slow_quantization_worker, args=(2, str(tmp_path / "init"), corpus, tmp_path, delays_s), nprocs=2, join=True)
     return (tmp_path / "run.txt").read_text(), [torch.load(tmp_path / f"error.{rank}") for rank in range(2)]
 
 
-def test_ranks_stop_after_the_same_step_when_their_quantisation_times_differ(tmp_path, tiny_corpus):
+def test_ranks_stop_after_the_same_step_when_their_quantization_times_differ(tmp_path, tiny_corpus):
     log, errors = run_two_ranks(tmp_path, tiny_corpus, [0.4, 0.4, 0.4])
     reserved = float(log.split("reserved:")[1].split("ms")[0])
     assert reserved >= 400  # the slower rank's time
@@ -68,9 +68,9 @@ def test_ranks_stop_after_the_same_step_when_their_quantisation_times_differ(tmp
 
 
 def test_every_rank_fails_when_one_goes_over_the_cap(tmp_path, tiny_corpus):
-    """Rank 1's export quantisation takes 2.5 s more than it did before the clock: only its own total is over
+    """Rank 1's export quantization takes 2.5 s more than it did before the clock: only its own total is over
     the 2 s cap, but both ranks must stop with the error (a rank that carried on would wait for the other)."""
     log, errors = run_two_ranks(tmp_path, tiny_corpus, [0.0, 0.0, 2.5])
-    assert all(e and e.startswith("training and export quantisation took") for e in errors), errors
+    assert all(e and e.startswith("training and export quantization took") for e in errors), errors
     total = int(log.split("training_budget: ")[1].split("total:")[1].split("ms")[0])
     assert total > 2000

@@ -39,7 +39,7 @@ def test_train_and_rescore_with_the_sidecar(tmp_path, case_corpus):
     logs = [(tmp_path / f"logs/{name}.txt").read_text() for name in ("v4096", "v4096_rescore")]
     for log in logs:
         assert re.search(r"^val_bytes: from the sidecar .*fineweb_val_bytes_\*\.bin \(\d+ bytes\)$", log, re.M)
-    line = re.search(r"^final_int6_sliding_window_exact .*$", logs[0], re.M).group(0)
+    line = re.search(r"^final_quant_sliding_window_exact .*$", logs[0], re.M).group(0)
     assert line in logs[1].splitlines()
 
 
