@@ -289,7 +289,7 @@ def setting_names(legacy: bool = False) -> set[str]:
 def settings_source_lines() -> list[tuple[str, str, str]]:
     """Hyperparameters as written, from the readable source (also when the self-extracting form runs):
     ("group", title, "") for each "# ---- title" line, ("setting", name, comment) for each field.
-    `--help` and the README's settings table (tests/readme_settings.py) are made from it."""
+    `--help` and the settings tables of docs/SETTINGS.md and README.md (tests/readme_settings.py) are made from it."""
     source = SOURCE.decode("utf-8")
     body = source[source.index("class Hyperparameters"):source.index("    from_environment = frozenset()")]
     lines = []
@@ -316,7 +316,7 @@ def settings_help() -> str:
     """`train_gpt.py --help`: every setting with its default and the comment on its line of Hyperparameters."""
     defaults = {f.name: f.default for f in fields(Hyperparameters)}
     lines = [__doc__.strip(), "",
-             "Settings are environment variables (NAME=value), shown with their defaults; see README.md for the",
+             "Settings are environment variables (NAME=value), shown with their defaults; see docs/SETTINGS.md for the",
              "rule that refuses names that look like settings but are not. The only arguments are --help and -h."]
     for kind, name, comment in settings_source_lines():
         if kind == "group":
@@ -376,10 +376,10 @@ def setting_problem(name: str) -> str | None:
     if name_words(name) & distinctive_words():
         best = nearest_setting(name)
         if name_words(name) <= name_words(best) or best in typo:
-            return f"unknown setting {name}: did you mean {best}? (see the settings table in README.md)"
-        return f"unknown setting {name}: no setting has that name; the nearest is {best} (see the settings table in README.md)"
+            return f"unknown setting {name}: did you mean {best}? (python train_gpt.py --help lists the settings)"
+        return f"unknown setting {name}: no setting has that name; the nearest is {best} (python train_gpt.py --help lists the settings)"
     if typo:
-        return f"unknown setting {name}: did you mean {typo[0]}? (see the settings table in README.md)"
+        return f"unknown setting {name}: did you mean {typo[0]}? (python train_gpt.py --help lists the settings)"
     return None
 
 

@@ -100,7 +100,7 @@ def test_a_run_id_is_never_reused(trained, tiny_corpus):
 def test_misspelled_setting_stops_before_any_work(run):
     result = run(XSA_LAST="4", RUN_ID="typo")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: unknown setting XSA_LAST: did you mean XSA_LAST_N? (see the settings table in README.md)"
+    assert result.stderr.strip().splitlines()[-1] == "error: unknown setting XSA_LAST: did you mean XSA_LAST_N? (python train_gpt.py --help lists the settings)"
     assert not (run.cwd / "logs").exists()
 
 
