@@ -133,7 +133,7 @@ class Hyperparameters:
 
     # ---- document masking and the fused loss (docs/DOC_MASK.md)
     doc_mask: bool = False           # attention, SmearGate and BigramHash stop at each BOS
-    ce_kernel: str = "torch"         # training loss: torch | triton (fused soft cap + CE) | auto
+    loss_kernel: str = "torch"       # training loss: torch | triton (fused soft cap + CE) | auto
 
     from_environment = frozenset()   # (not a setting) the names set in the environment, see from_env
 
@@ -167,7 +167,7 @@ class Hyperparameters:
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "flex", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
-                   "xsa_kernel": ("auto", "triton", "torch"), "ce_kernel": ("auto", "triton", "torch")}
+                   "xsa_kernel": ("auto", "triton", "torch"), "loss_kernel": ("auto", "triton", "torch")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.attn_backend != "flex" or self.doc_mask, "ATTN_BACKEND=flex needs DOC_MASK=1 (plain causal attention: use sdpa, fa3 or fa4)")
@@ -996,6 +996,7 @@ def document_mask(idx: Tensor, tail: int, backend: str):
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs) -> Tensor:
     """causal_attention within documents: docs = document_mask(idx, Tq, backend) of these rows."""
+    q, k = q.to(v.dtype), k.to(v.dtype)
     B, Tq, H, D = q.shape
     T = k.size(1)
     if backend in ("fa3", "fa4"):
@@ -1016,12 +1017,10 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs) -> T
     return y.transpose(1, 2)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs=None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     """q: (B, Tq, H, D), the last Tq of the T positions; k, v: (B, T, Hkv, D), Hkv dividing H.
-    docs: None, or document_mask() of these rows (attention within documents). Returns (B, Tq, H, D)."""
+    Returns (B, Tq, H, D)."""
     q, k = q.to(v.dtype), k.to(v.dtype)
-    if docs is not None:
-        return document_attention(q, k, v, backend, docs)
     if backend == "fa3":  # its causal mask is aligned to the last positions
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -1136,7 +1135,7 @@ class Attention(nn.Module):
         else:
             q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
             k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.backend, docs)
+        y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, self.backend, docs)
         if self.xsa:
             xsa = ExclusiveSelfAttention.apply if self.xsa_fused else exclusive_self_attention
             y = xsa(y, v[:, T - tail:])
@@ -1387,7 +1386,7 @@ class GPT(nn.Module):
         self.softcap = h.logit_softcap
         self.residual_bf16 = h.residual_dtype == "bf16"
         self.doc_mask, self.attn_backend = h.doc_mask, h.attn_backend
-        self.ce_fused = h.ce_kernel == "triton"  # SoftcapCrossEntropy, training only: scoring keeps the plain path
+        self.loss_fused = h.loss_kernel == "triton"  # SoftcapCrossEntropy, training only: scoring keeps the plain path
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)  # tied: also the output layer
         nn.init.normal_(tagged(self.tok_emb.weight, "embed"), std=h.tied_embed_init_std)
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
@@ -1430,7 +1429,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy over all positions (training)."""
-        if self.ce_fused:
+        if self.loss_fused:
             z = F.linear(self.trunk(idx), self.tok_emb.weight)
             return SoftcapCrossEntropy.apply(z.flatten(0, 1), targets.flatten(), self.softcap).mean()
         logits = self.logits(self.trunk(idx))
@@ -2270,7 +2269,7 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     # The Triton kernels: each runs where it fits, and an explicit "triton" that cannot run is refused.
     for name, fits, also in (("mlp_kernel", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
                                                                "(MLP_MULT x MODEL_DIM) multiples of 8"),
-                             ("qk_kernel", True, ""), ("xsa_kernel", True, ""), ("ce_kernel", True, "")):
+                             ("qk_kernel", True, ""), ("xsa_kernel", True, ""), ("loss_kernel", True, "")):
         usable = triton is not None and hopper and fits
         if getattr(h, name) == "auto":
             setattr(h, name, "triton" if usable else "torch")
@@ -2428,7 +2427,7 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
     log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
     version = {"fa4": f" (flash-attn-4 {FA4_VERSION})", "sdpa": f" (torch {torch.__version__})", "flex": f" (torch {torch.__version__})"}.get(h.attn_backend, "")
     log(f"attention_backend:{h.attn_backend} mlp_kernel:{h.mlp_kernel} qk_kernel:{h.qk_kernel} xsa_kernel:{h.xsa_kernel} "
-        f"ce_kernel:{h.ce_kernel}{version}")
+        f"loss_kernel:{h.loss_kernel}{version}")
     head_dim = h.model_dim // h.num_heads
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 

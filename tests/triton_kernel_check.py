@@ -77,7 +77,7 @@ for rows, V, cap, spread in [(7, 96, 20.0, 4.0), (5, 128, 30.0, 1.0), (3, 1000, 
 # exported as integers, so that they have Hessians.
 h = dict(vocab_size=96, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=32, bigram_dim=16,
          train_seq_len=32, eval_seq_len=32, xsa_last_n=1, late_qat_threshold=0.5)
-plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel, qk_kernel=kernel, xsa_kernel=kernel, ce_kernel=kernel))
+plain, fused = (tg.build_model(tg.Hyperparameters(**h, mlp_kernel=kernel, qk_kernel=kernel, xsa_kernel=kernel, loss_kernel=kernel))
                 for kernel in ("torch", "triton"))
 with torch.no_grad():
     for p in plain.parameters():  # away from the zero-initialised projections, which would hide gradients
