@@ -272,8 +272,10 @@ def test_fused_loss_is_the_training_loss_only(monkeypatch):
             calls.append(z.shape)
             return F.cross_entropy(cap * torch.tanh(z.float() / cap), targets, reduction="none")
     monkeypatch.setattr(tg, "SoftcapCrossEntropy", PlainSoftcapCE)
-    fused, plain = (weighted_model(tiny_h(loss_kernel=kernel, logit_softcap=3.0)) for kernel in ("triton", "torch"))
+    # logits well past the cap (|z| of several caps), so that capping twice or not at all would show
+    fused, plain = (weighted_model(tiny_h(loss_kernel=kernel, logit_softcap=2.0, tied_embed_init_std=0.5)) for kernel in ("triton", "torch"))
     idx, targets = torch.randint(0, VOCAB, (2, 32)), torch.randint(0, VOCAB, (2, 32))
+    assert F.linear(plain.trunk(idx), plain.tok_emb.weight).abs().max() > 6.0
     torch.testing.assert_close(fused(idx, targets), plain(idx, targets))
     assert calls == [(64, VOCAB)]
     torch.testing.assert_close(fused.token_nll(idx, targets, 5), plain.token_nll(idx, targets, 5))
@@ -297,3 +299,25 @@ def test_tiny_run_with_doc_mask_stores_it_and_rescores_to_the_same_lines(run):
     assert all(line in rescored.splitlines() for line in finals["on"])
     refused = run(RUN_ID="refused", EVAL_ARTIFACT="logs/on.model.zst", DOC_MASK="0")
     assert refused.returncode == 2 and "DOC_MASK=False but logs/on.model.zst was trained with DOC_MASK=True" in refused.stderr
+
+
+def test_rescoring_a_doc_mask_artifact_leaves_an_fa3_without_its_varlen_form(monkeypatch, tmp_path):
+    """ATTN_BACKEND is resolved before the artifact's DOC_MASK is read: an FA3 that has no varlen function
+    must not be asked to mask documents."""
+    h = tiny_h(doc_mask=False, attn_backend="fa3", eval_artifact=str(tmp_path / "a.model.zst"))
+    (tmp_path / "a.model.zst").write_bytes(b"stand-in: load_artifact is replaced below")
+    monkeypatch.setattr(tg, "load_artifact", lambda path: ({}, {"doc_mask": True}))
+    monkeypatch.setattr(tg, "fa3_varlen_attention", None)
+    monkeypatch.setattr(tg, "fa4_interface", None)
+    monkeypatch.setattr(tg, "check_artifact_tensors", lambda *a: None)
+    monkeypatch.setattr(tg, "build_byte_tables", lambda *a: None)
+    monkeypatch.setattr(tg, "load_validation_tokens", lambda h: None)
+    built = []
+
+    def build_model(h):
+        built.append((h.doc_mask, h.attn_backend))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(tg, "build_model", build_model)
+    with pytest.raises(RuntimeError, match="stop here"):
+        tg.rescore(h, None, lambda line: None)
+    assert built == [(True, "flex")]
