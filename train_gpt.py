@@ -72,6 +72,7 @@ class Hyperparameters:
     ve_layers: str = ""              # value embeddings added to v in these blocks, e.g. "9,10"; "" = off
     ve_dim: int = 128                # width of a value-embedding row
     residual_dtype: str = "bf16"     # bf16 | fp32 (the records): the residual stream under CUDA autocast
+    doc_mask: bool = False           # attention, SmearGate, BigramHash stop at each BOS (docs/DOC_MASK.md)
 
     # ---- initialisation
     qk_gain_init: float = 4.0        # initial per-head query gain (1.1271 record: 1.5; 4.0 from PR #1125 and the proxy)
@@ -128,10 +129,11 @@ class Hyperparameters:
 
     # ---- machine
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
-    attn_backend: str = "auto"       # auto (fa3, else fa4, else sdpa) | fa3 | fa4 | sdpa
+    attn_backend: str = "auto"       # auto (fa3, fa4, flex or sdpa) | fa3 | fa4 | flex | sdpa
     mlp_kernel: str = "auto"         # auto (triton on Hopper with MLP_ACT=relu2) | triton | torch
     qk_kernel: str = "auto"          # q/k RMSNorm, rotary, gain: auto (triton on Hopper) | triton | torch
     xsa_kernel: str = "auto"         # exclusive self attention: auto (triton on Hopper) | triton | torch
+    loss_kernel: str = "torch"       # training loss: torch | triton (fused soft cap + CE) | auto
 
     from_environment = frozenset()   # (not a setting) the names set in the environment, see from_env
 
@@ -163,11 +165,12 @@ class Hyperparameters:
         need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult}: expected MLP_MULT * MODEL_DIM >= 1 (the MLP hidden width)")
         need(1 <= self.target_bytes <= SIZE_CAP_BYTES, f"TARGET_BYTES={self.target_bytes}: expected 1..{SIZE_CAP_BYTES} (the size cap)")
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
-                   "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "sdpa"),
+                   "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "flex", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
-                   "xsa_kernel": ("auto", "triton", "torch")}
+                   "xsa_kernel": ("auto", "triton", "torch"), "loss_kernel": ("auto", "triton", "torch")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        need(self.attn_backend != "flex" or self.doc_mask, "ATTN_BACKEND=flex needs DOC_MASK=1 (plain causal attention: use sdpa, fa3 or fa4)")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} is not a multiple of NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} is not a multiple of NUM_KV_HEADS={self.num_kv_heads}")
         head_dim = self.head_dim
@@ -726,6 +729,10 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attention
 except ImportError:
     fa3_attention = None
+try:  # its packed-documents form, for DOC_MASK
+    from flash_attn_interface import flash_attn_varlen_func as fa3_varlen_attention
+except ImportError:
+    fa3_varlen_attention = None
 try:  # FlashAttention-4 (pip install flash-attn-4: CuTe DSL kernels for Hopper and Blackwell)
     from flash_attn.cute import interface as fa4_interface
     import importlib.metadata
@@ -755,12 +762,13 @@ ROUTES = {
 @dataclass(frozen=True)
 class Kernels:
     """How the model's fused parts run, chosen once at start-up (choose_kernels) and handed to the modules:
-    the attention backend (sdpa | fa3 | fa4) and, for the MLP, the q/k preparation and XSA, "triton" (the
-    kernels section) or "torch" (the plain code in this section, the reference the kernels are tested against)."""
+    the attention backend (sdpa | fa3 | fa4 | flex) and, for the MLP, the q/k preparation, XSA and the training
+    loss, "triton" (the kernels) or "torch" (the plain code of the model, the reference the kernels are tested against)."""
     attention: str = "sdpa"
     mlp: str = "torch"
     qk: str = "torch"
     xsa: str = "torch"
+    loss: str = "torch"
 
 
 def tagged(param: nn.Parameter, role: str) -> nn.Parameter:
@@ -947,6 +955,95 @@ def _fa4_backward(ctx, grad: Tensor, grad_lse: Tensor | None) -> tuple[Tensor, T
 fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_save)
 
 
+@torch.library.custom_op("golf::fa4_varlen_attention", mutates_args=())
+def fa4_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> tuple[Tensor, Tensor]:
+    """fa4_attention over documents packed into one stream: q (total_q, H, D), k, v (total_k, Hkv, D); document i's
+    queries q[cu_q[i]:cu_q[i+1]] are the last of its keys k[cu_k[i]:cu_k[i+1]]. Returns (out, lse (H, total_q))."""
+    out, lse = fa4_interface._flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                             max_seqlen_k=max_k, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@fa4_varlen_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)
+
+
+@torch.library.custom_op("golf::fa4_varlen_attention_backward", mutates_args=())
+def fa4_varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                                  cu_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = fa4_interface._flash_attn_bwd(q, k, v, out, grad.contiguous(), lse, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)[:3]
+    return dq, dk, dv
+
+
+@fa4_varlen_attention_backward.register_fake
+def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_varlen_save(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(*inputs[:5], *output)
+
+
+def _fa4_varlen_backward(ctx, grad: Tensor, grad_lse: Tensor | None) -> tuple:
+    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+    return *fa4_varlen_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k), None, None, None, None
+
+
+fa4_varlen_attention.register_autograd(_fa4_varlen_backward, setup_context=_fa4_varlen_save)
+
+
+def document_mask(idx: Tensor, tail: int, backend: str):
+    """For the last `tail` queries of the rows idx (B, T), what `backend` needs to keep each query to the
+    keys of its own document, at or before it (DOC_MASK). A document starts at each BOS and at a row's
+    start (a window that begins inside a document sees that document's visible part).
+    sdpa: a boolean mask (B, 1, tail, T); flex: a BlockMask (sparse over blocks, so whole blocks of other
+    documents are skipped); fa3, fa4: the rows as one stream of documents, (cu_q, cu_k) int32 of B*T + 1
+    entries: document i's queries and keys start at cu_q[i] and cu_k[i]. One entry per position that may
+    start a document keeps the shape static (one compiled graph); the entries past the last document
+    repeat the stream's end, as empty documents."""
+    B, T = idx.shape
+    starts = idx == BOS_ID
+    if backend in ("fa3", "fa4"):
+        flat = torch.arange(B * T, device=idx.device)
+        first = starts.flatten() | (flat % T == 0)
+        cu_k = torch.cat([torch.where(first, flat, B * T).sort().values, flat.new_full((1,), B * T)])
+        cu_q = cu_k // T * tail + (cu_k % T - (T - tail)).clamp(min=0)  # the queries before each start
+        return cu_q.int(), cu_k.int()
+    doc, offset = starts.cumsum(1), T - tail  # each position's document, counted within its row
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document(b, h, q, kv):
+            return (kv <= q + offset) & (doc[b, q + offset] == doc[b, kv])
+        return create_block_mask(same_document, B, None, tail, T, device=idx.device)
+    causal = torch.ones(tail, T, dtype=torch.bool, device=idx.device).tril(offset)
+    return ((doc[:, None, :] == doc[:, offset:, None]) & causal)[:, None]
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs) -> Tensor:
+    """causal_attention within documents: docs = document_mask(idx, Tq, backend) of these rows."""
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    B, Tq, H, D = q.shape
+    T = k.size(1)
+    if backend in ("fa3", "fa4"):
+        cu_q, cu_k = docs
+        q, k, v = q.reshape(B * Tq, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D)
+        if backend == "fa3":
+            out = fa3_varlen_attention(q, k, v, cu_q, cu_k, Tq, T, causal=True)
+            out = out[0] if isinstance(out, tuple) else out
+        else:
+            out = fa4_varlen_attention(q, k, v, cu_q, cu_k, Tq, T)[0]
+        return out.view(B, Tq, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+        y = flex_attention(q, k, v, block_mask=docs, enable_gqa=k.size(1) != q.size(1))
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=docs, enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     """q: (B, Tq, H, D), the last Tq of the T positions; k, v: (B, T, Hkv, D), Hkv dividing H.
     Returns (B, Tq, H, D)."""
@@ -1051,8 +1148,8 @@ class Attention(nn.Module):
         self.qk_fused = kernels.qk == "triton"  # NormRotary
         self.xsa_fused = kernels.xsa == "triton"  # ExclusiveSelfAttention
 
-    def forward(self, x: Tensor, value_embed: Tensor | None, tail: int) -> Tensor:
-        """The outputs of the last `tail` positions, attending to all T."""
+    def forward(self, x: Tensor, value_embed: Tensor | None, tail: int, docs=None) -> Tensor:
+        """The outputs of the last `tail` positions, attending to all T (or, with docs, to their document's)."""
         B, T, _ = x.shape
         q = self.c_q(x[:, T - tail:]).view(B, tail, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1065,7 +1162,7 @@ class Attention(nn.Module):
         else:
             q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
             k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.backend)
+        y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, self.backend, docs)
         if self.xsa:
             xsa = ExclusiveSelfAttention.apply if self.xsa_fused else exclusive_self_attention
             y = xsa(y, v[:, T - tail:])
@@ -1188,13 +1285,14 @@ class Block(nn.Module):
         self.input_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
         self.ve_scale = tagged(nn.Parameter(torch.tensor(0.1)), "control") if layer in h.value_embedding_layers() else None
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, tail: int | None = None) -> Tensor:
-        """Outputs of every position, or of the last `tail` only (their attention still reads all)."""
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, tail: int | None = None, docs=None) -> Tensor:
+        """Outputs of every position, or of the last `tail` only (their attention still reads all);
+        docs: None, or the document_mask() of this tail."""
         mix = self.resid_mix.to(x.dtype)  # the stream keeps its dtype (see GPT.trunk)
         x = mix[0] * x + mix[1] * x0
         ve = self.ve_scale * value_embed if self.ve_scale is not None else None
         tail = tail or x.size(1)
-        attn = self.attn(rms_norm(x) * self.input_scale, ve, tail)
+        attn = self.attn(rms_norm(x) * self.input_scale, ve, tail, docs)
         x = x[:, x.size(1) - tail:] + self.attn_scale.to(x.dtype) * attn
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale)
 
@@ -1210,8 +1308,12 @@ class BigramHash(nn.Module):
         self.proj = Linear(h, h.bigram_dim, h.model_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
         self.scale = tagged(nn.Parameter(torch.tensor(0.05)), "control")
 
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.scale * self.proj(self.embed(bigram_rows(idx, self.rows)))
+    def forward(self, idx: Tensor, starts: Tensor | None = None) -> Tensor:
+        """starts (DOC_MASK): BOS positions, which take the first position's row, as at a sequence start."""
+        rows = bigram_rows(idx, self.rows)
+        if starts is not None:
+            rows = rows.masked_fill(starts, self.rows - 1)
+        return self.scale * self.proj(self.embed(rows))
 
 
 def bigram_rows(idx: Tensor, rows: int) -> Tensor:
@@ -1227,9 +1329,13 @@ class SmearGate(nn.Module):
         super().__init__()
         self.gate = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, starts: Tensor | None = None) -> Tensor:
+        """starts (DOC_MASK): BOS positions, which mix in nothing, as a sequence's first position."""
         g = torch.sigmoid(self.gate).to(x.dtype)
-        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if starts is not None:
+            previous = previous.masked_fill(starts[..., None], 0.0)
+        return (1 - g) * x + g * previous
 
 
 class ValueEmbedding(nn.Module):
@@ -1246,11 +1352,72 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.embed(idx))
 
 
+if triton is not None:
+    @triton.jit
+    def softcap_ce_kernel(z_ptr, target_ptr, grad_ptr, out_ptr, V, cap, BACKWARD: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One row of logits z (rows, V), s = cap * tanh(z / cap): out[row] = logsumexp(s) - s[target], or in the
+        backward out[row, :] = z's gradient, grad[row] * (softmax(s) - onehot(target)) * (1 - tanh^2)."""
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.arange(0, BLOCK_V)
+        live = col < V
+        z = tl.load(z_ptr + row * V + col, mask=live, other=0.0).to(tl.float32)
+        # tanh(z / cap) and its derivative 1 - tanh^2 from e = exp(-2|z| / cap) in (0, 1]: no overflow, and
+        # 1 - tanh^2 keeps its precision where the cap saturates (1 - t * t would cancel there)
+        e = tl.exp(-2.0 * tl.abs(z) / cap)
+        t = tl.where(z < 0, e - 1.0, 1.0 - e) / (1.0 + e)
+        s = tl.where(live, cap * t, float("-inf"))
+        top = tl.max(s, 0)
+        p = tl.exp(s - top)
+        total = tl.sum(p, 0)
+        hit = col == tl.load(target_ptr + row)
+        if BACKWARD:
+            g = tl.load(grad_ptr + row).to(tl.float32)
+            dz = g * (p / total - hit.to(tl.float32)) * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+            tl.store(out_ptr + row * V + col, dz.to(out_ptr.dtype.element_ty), mask=live)
+        else:
+            tl.store(out_ptr + row, top + tl.log(total) - tl.sum(tl.where(hit, s, 0.0), 0))
+
+
+@torch.library.custom_op("golf::softcap_ce", mutates_args=())
+def softcap_ce(z: Tensor, targets: Tensor, cap: float, grad: Tensor | None) -> Tensor:
+    """softcap_ce_kernel on logits z (rows, V): each row's loss (float32), or with grad (rows,) z's gradient."""
+    z, targets = z.contiguous(), targets.contiguous()
+    out = torch.empty_like(z) if grad is not None else z.new_empty(z.size(0), dtype=torch.float32)
+    softcap_ce_kernel[(z.size(0),)](z, targets, z if grad is None else grad.contiguous(), out, z.size(1), cap,
+                                    BACKWARD=grad is not None, BLOCK_V=triton.next_power_of_2(z.size(1)),
+                                    num_warps=4 if z.size(1) <= 2048 else 8)
+    return out
+
+
+@softcap_ce.register_fake
+def _(z: Tensor, targets: Tensor, cap: float, grad: Tensor | None) -> Tensor:
+    return torch.empty_like(z) if grad is not None else z.new_empty(z.size(0), dtype=torch.float32)
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(cap * tanh(z / cap), targets, reduction="none") for 2-D z, in one kernel each way,
+    computed in fp32 from z as it comes out of the output matmul: the float32 logits and their soft-capped
+    copy (rows x vocabulary each) are never written; the backward recomputes them from z."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, targets: Tensor, cap: float) -> Tensor:
+        ctx.save_for_backward(z, targets)
+        ctx.cap = cap
+        return softcap_ce(z, targets, cap, None)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        z, targets = ctx.saved_tensors
+        return softcap_ce(z, targets, ctx.cap, grad), None, None
+
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, kernels: Kernels = Kernels()):
         super().__init__()
         self.softcap = h.logit_softcap
         self.residual_bf16 = h.residual_dtype == "bf16"
+        self.doc_mask, self.attn_backend = h.doc_mask, kernels.attention
+        self.loss_fused = kernels.loss == "triton"  # SoftcapCrossEntropy, training only: scoring keeps the plain path
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)  # tied: also the output layer
         nn.init.normal_(tagged(self.tok_emb.weight, "embed"), std=h.tied_embed_init_std)
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
@@ -1265,10 +1432,14 @@ class GPT(nn.Module):
     def trunk(self, idx: Tensor, tail: int | None = None) -> Tensor:
         """The one forward pass shared by training and evaluation: tokens -> final normalised states,
         of every position or of the last `tail` (then the last block computes only those)."""
+        # DOC_MASK: no position reads one of an earlier document (a document starts at its BOS)
+        starts = idx == BOS_ID if self.doc_mask else None
+        docs = document_mask(idx, idx.size(1), self.attn_backend) if self.doc_mask else None
+        last_docs = document_mask(idx, tail, self.attn_backend) if self.doc_mask and tail not in (None, idx.size(1)) else docs
         x = self.tok_emb(idx)
         if self.bigram is not None:
-            x = x + self.bigram(idx)
-        x = self.smear(rms_norm(x))
+            x = x + self.bigram(idx, starts)
+        x = self.smear(rms_norm(x), starts)
         if self.residual_bf16 and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # halves the traffic of every residual op
         x0 = x
@@ -1278,7 +1449,7 @@ class GPT(nn.Module):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
             last = i == len(self.blocks) - 1
-            x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None)
+            x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None, last_docs if last else docs)
             if i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x)
@@ -1289,6 +1460,9 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy over all positions (training)."""
+        if self.loss_fused:
+            z = F.linear(self.trunk(idx), self.tok_emb.weight)
+            return SoftcapCrossEntropy.apply(z.flatten(0, 1), targets.flatten(), self.softcap).mean()
         logits = self.logits(self.trunk(idx))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
@@ -2090,16 +2264,22 @@ class Runtime:
         return self.rank == 0
 
 
-def choose_attention(setting: str, major: int) -> str:
+def choose_attention(setting: str, major: int, doc_mask: bool = False) -> str:
     """ATTN_BACKEND for a GPU of this major compute capability (0: no GPU). auto: FlashAttention-3 on
-    Hopper, else FlashAttention-4 on Hopper or later (faster than SDPA, bench/RESULTS.md), else SDPA.
+    Hopper, else FlashAttention-4 on Hopper or later (faster than SDPA, bench/RESULTS.md), else SDPA;
+    with DOC_MASK, flex attention (a compiled block-sparse kernel) instead of SDPA on a GPU.
     An explicit choice that cannot run here is refused."""
     fa3 = fa3_attention is not None and major == 9
     fa4 = fa4_interface is not None and major >= 9
     if setting == "auto":
-        return "fa3" if fa3 else "fa4" if fa4 else "sdpa"
+        return "fa3" if fa3 and (fa3_varlen_attention is not None or not doc_mask) else "fa4" if fa4 else \
+            "flex" if doc_mask and major > 0 else "sdpa"
     if setting == "fa3" and not fa3:
         raise ConfigError("ATTN_BACKEND=fa3 needs a Hopper GPU and the flash_attn_interface package (FlashAttention-3)")
+    if setting == "flex" and major == 0:
+        raise ConfigError("ATTN_BACKEND=flex needs a GPU (flex attention has no backward on the CPU; DOC_MASK uses sdpa there)")
+    if setting == "fa3" and doc_mask and fa3_varlen_attention is None:
+        raise ConfigError("ATTN_BACKEND=fa3 with DOC_MASK=1 needs flash_attn_varlen_func in flash_attn_interface (FlashAttention-3)")
     if setting == "fa4" and not fa4:
         raise ConfigError("ATTN_BACKEND=fa4 needs a Hopper or Blackwell GPU and the flash-attn-4 package "
                           "(pip install flash-attn-4; FlashAttention-4)" + ("" if fa4_interface is not None else ": it does not import here"))
@@ -2113,12 +2293,12 @@ def choose_kernels(h: Hyperparameters, device: torch.device) -> Kernels:
     chosen = {}
     for name, fits, also in (("mlp", relu2_mlp_fits(h), ", MLP_ACT=relu2, and MODEL_DIM and the MLP width "
                                                         "(MLP_MULT x MODEL_DIM) multiples of 8"),
-                             ("qk", True, ""), ("xsa", True, "")):
+                             ("qk", True, ""), ("xsa", True, ""), ("loss", True, "")):
         usable, setting = triton is not None and major == 9 and fits, getattr(h, f"{name}_kernel")
         if setting == "triton" and not usable:
             raise ConfigError(f"{name.upper()}_KERNEL=triton needs a Hopper GPU and Triton 3.4 or later{also}")
         chosen[name] = "triton" if setting == "triton" or (setting == "auto" and usable) else "torch"
-    return Kernels(attention=choose_attention(h.attn_backend, major), **chosen)
+    return Kernels(attention=choose_attention(h.attn_backend, major, h.doc_mask), **chosen)
 
 
 def setup_runtime(h: Hyperparameters, environ) -> Runtime:
@@ -2279,8 +2459,9 @@ def log_header(log: RunLog, h: Hyperparameters, rt: Runtime) -> None:
         log("gpu none (cpu)")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs} device:{rt.device.type} compile:{int(rt.compile)}")
     kernels = rt.kernels
-    version = {"fa4": f" (flash-attn-4 {FA4_VERSION})", "sdpa": f" (torch {torch.__version__})"}.get(kernels.attention, "")
-    log(f"attention_backend:{kernels.attention} mlp_kernel:{kernels.mlp} qk_kernel:{kernels.qk} xsa_kernel:{kernels.xsa}{version}")
+    version = {"fa4": f" (flash-attn-4 {FA4_VERSION})", "sdpa": f" (torch {torch.__version__})", "flex": f" (torch {torch.__version__})"}.get(kernels.attention, "")
+    log(f"attention_backend:{kernels.attention} mlp_kernel:{kernels.mlp} qk_kernel:{kernels.qk} xsa_kernel:{kernels.xsa} "
+        f"loss_kernel:{kernels.loss}{version}")
     head_dim = h.head_dim
     log(f"rope effective_base:{h.rope_base} dims:{h.rope_dims or head_dim}/{head_dim}")
 

@@ -403,7 +403,7 @@ def test_the_model_settings_are_settings():
 # A changed value of each model setting (valid with the others of MODEL_BASE).
 MODEL_CHANGES = dict(vocab_size=80, num_layers=3, model_dim=48, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
                      mlp_act="leaky_relu2", logit_softcap=7.0, rope_base=500.0, rope_dims=8, ln_scale=True, xsa_last_n=2,
-                     bigram_vocab_size=48, bigram_dim=8, ve_layers="1", ve_dim=16, residual_dtype="fp32")
+                     bigram_vocab_size=48, bigram_dim=8, ve_layers="1", ve_dim=16, residual_dtype="fp32", doc_mask=True)
 MODEL_BASE = dict(vocab_size=96, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
                   bigram_dim=16, xsa_last_n=1, ve_layers="2", ve_dim=8, train_seq_len=16, eval_seq_len=16, eval_stride=8)
 
@@ -415,6 +415,7 @@ def model_function(h, state=None):
     if state is not None:
         model.load_state_dict(state)
     idx = torch.randint(0, 80, (2, 17))
+    idx[:, 8] = tg.BOS_ID  # a document starts mid-window
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # residual_dtype acts under autocast
         nll = model.token_nll(idx[:, :-1], idx[:, 1:], 16)
     return {n: t.shape for n, t in model.state_dict().items()}, nll, model.state_dict()

@@ -1,10 +1,11 @@
 """Run by test_train_model.py under TRITON_INTERPRET=1 (Triton's CPU interpreter, float32): the fused
-relu^2 MLP kernel, the q/k norm-rotary kernel and the XSA kernel against the plain paths. Exits non-zero
-on the first mismatch."""
+relu^2 MLP kernel, the q/k norm-rotary kernel, the XSA kernel and the soft-capped cross-entropy kernel
+against the plain paths. Exits non-zero on the first mismatch."""
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
@@ -56,12 +57,28 @@ for B, T, H, Hkv, D in [(2, 5, 4, 2, 8), (1, 7, 6, 2, 12), (3, 4, 3, 3, 16)]:
     for name, want, got in zip(("out", "dy", "dv"), *results):
         close(f"xsa {name} at {(B, T, H, Hkv, D)}", got, want)
 
+# The soft-capped cross-entropy kernel against F.cross_entropy(cap * tanh(z / cap)): vocabularies under,
+# at and over a power of 2, logits far into the cap's saturation (|z| up to 8 caps), an upstream
+# gradient that differs by row (as a reduction other than the mean would give).
+for rows, V, cap, spread in [(7, 96, 20.0, 4.0), (5, 128, 30.0, 1.0), (3, 1000, 5.0, 40.0)]:
+    z = (torch.randn(rows, V) * spread).requires_grad_()
+    targets = torch.randint(0, V, (rows,))
+    grad = torch.rand(rows) + 0.5
+    results = []
+    for ce in (lambda z: F.cross_entropy(cap * torch.tanh(z / cap), targets, reduction="none"),
+               lambda z: tg.SoftcapCrossEntropy.apply(z, targets, cap)):
+        loss = ce(z)
+        results.append([loss, *torch.autograd.grad(loss, z, grad)])
+    for name, want, got in zip(("loss", "dz"), *results):
+        close(f"softcap cross-entropy {name} at {(rows, V, cap, spread)}", got, want)
+
 # The whole model, late QAT on: the loss, every gradient, and GPTQ's Hessians (the fused MLP runs its
 # plain path beside it for the hooks of fc and proj). MODEL_DIM 256 makes the MLP matrices large enough to be
 # exported as integers, so that they have Hessians.
 h = dict(vocab_size=96, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=32, bigram_dim=16,
          train_seq_len=32, eval_seq_len=32, xsa_last_n=1, late_qat_threshold=0.5)
-plain, fused = (tg.build_model(tg.Hyperparameters(**h), tg.Kernels(mlp=kernel, qk=kernel, xsa=kernel)) for kernel in ("torch", "triton"))
+plain, fused = (tg.build_model(tg.Hyperparameters(**h), tg.Kernels(mlp=kernel, qk=kernel, xsa=kernel, loss=kernel))
+                for kernel in ("torch", "triton"))
 with torch.no_grad():
     for p in plain.parameters():  # away from the zero-initialised projections, which would hide gradients
         p.add_(torch.randn_like(p) * 0.02)
