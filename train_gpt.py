@@ -75,13 +75,13 @@ class Hyperparameters:
     residual_dtype: str = "bf16"     # bf16 | fp32 (the records): the residual stream under CUDA autocast
     tied_embed_init_std: float = 0.005  # init std of the tied embedding
 
-    # ---- model structure of the later records (docs/MODEL.md); all off by default
-    recur_layers: str = ""           # consecutive blocks run again after their first pass, e.g. "4,5"
+    # ---- model structure of the later records, off by default (docs/MODEL.md)
+    recur_layers: str = ""           # blocks run again after their first pass, e.g. "4,5"
     recur_repeats: int = 1           # extra passes of RECUR_LAYERS (shared weights)
-    recur_start: float = 0.0         # fraction of training before the repeats turn on
-    parallel_resid_start: int = 0    # blocks from this one: attn and MLP read one input; 0 = off
-    attn_gate: str = "off"           # off | head (per-head output gate) | sparse (gate reads 12 channels)
-    smear_gate: str = "fixed"        # fixed (per channel) | input (plus a shift from the token's state)
+    recur_start: float = 0.0         # fraction of training before the repeats start
+    parallel_resid_start: int = 0    # attn and MLP read one input from this block; 0 = off
+    attn_gate: str = "off"           # off | head (per-head output gate) | sparse (12 inputs)
+    smear_gate: str = "fixed"        # fixed (per channel) | input (shifted by x_t)
 
     # ---- training schedule
     iterations: int = 9000           # step limit; the time cap usually ends training first

@@ -61,7 +61,18 @@ def test_recurrence_runs_the_looped_blocks_again_by_hand():
     close(model.token_nll(idx, idx, 5), model.token_nll(idx, idx, 16)[:, -5:])
 
 
-def recording_run(shards, compile_backend=None, log=None, **kw):
+class StructureEvaluator(StubEvaluator):
+    """Notes whether the repeats are on whenever train() scores."""
+
+    def __init__(self):
+        self.model, self.recur_on = None, []
+
+    def score(self, sliding):
+        self.recur_on.append(self.model.recur_on)
+        return super().score(sliding)
+
+
+def recording_run(shards, compile_backend=None, log=None, evaluator=None, **kw):
     """tg.train on the CPU (a StubEvaluator scores nothing); returns the log and the model."""
     settings = dict(data_path=str(shards), vocab_size=VOCAB, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2,
                     bigram_vocab_size=32, bigram_dim=16, train_seq_len=32, eval_seq_len=32, eval_stride=16, train_batch_tokens=128,
@@ -78,7 +89,9 @@ def recording_run(shards, compile_backend=None, log=None, **kw):
         if compile_backend is not None:
             real_compile = torch.compile
             mp.setattr(tg.torch, "compile", lambda fn, **kw: real_compile(fn, backend=compile_backend(fn), **kw))
-        tg.train(model, tg.route_parameters(model), StubEvaluator(), h, rt, log.append)
+        evaluator = evaluator or StubEvaluator()
+        evaluator.model = model
+        tg.train(model, tg.route_parameters(model), evaluator, h, rt, log.append)
     return log, model
 
 
@@ -91,7 +104,7 @@ def shards(tmp_path_factory):
 
 def test_recurrence_turns_on_at_recur_start(shards):
     """RECUR_START=0.5 of 12 steps: steps 0-5 run block 1 once, steps 6-11 twice; the two priming steps
-    one of each; the export (after training) has the final structure."""
+    one of each; every validation (steps 0, 5, 10, 12) scores the final structure, and so does the export."""
     passes = []
 
     def count(module, args):
@@ -105,8 +118,10 @@ def test_recurrence_turns_on_at_recur_start(shards):
         return model
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tg, "build_model", build_with_hooks)
-        log, model = recording_run(shards, recur_layers="1", recur_start=0.5)
+        evaluator = StructureEvaluator()
+        log, model = recording_run(shards, evaluator=evaluator, val_loss_every=5, recur_layers="1", recur_start=0.5)
     assert passes == [1, 2] + [1] * 6 + [2] * 6
+    assert evaluator.recur_on == [True] * 4
     assert any(line.startswith("recurrence: on from step:6 ") for line in log)
     assert model.recur_on
 
