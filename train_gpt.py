@@ -288,11 +288,11 @@ ALIASES = {name: hint for names, hint in (
     (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
-# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
+# GDK_BACKEND, CGO_ENABLED, CMAKE_BUILD_PARALLEL_LEVEL, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
 COMMON_WORDS = frozenset({
     "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
-    "MAX", "METHOD", "MODEL", "N", "NUM", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD", "STEPS",
-    "TARGET"})
+    "MAX", "METHOD", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD",
+    "STEPS", "TARGET"})
 # First words of other programs' variables: never read, never refused (also any first word PYTHON...).
 FOREIGN_PREFIXES = frozenset({
     "APPTAINER", "AWS", "AZ", "AZURE", "AZUREML", "BUILDKITE", "BUILDKIT", "CARGO", "CI", "CLOUDSDK", "COMPOSE",
