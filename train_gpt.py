@@ -1473,6 +1473,11 @@ def lr_scale_at(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float)
     return min(max(cap_ms - elapsed_ms, 0.0) / warmdown_ms, by_steps)
 
 
+def training_progress(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float) -> float:
+    """The fraction of training done: of ITERATIONS, or of the time cap (cap_ms > 0) if that is further."""
+    return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
+
+
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
@@ -2488,8 +2493,8 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         if h.late_qat_threshold > 0 and not qat_on and lr_scale < h.late_qat_threshold:
             qat_on = True
             log(f"late_qat: on from step:{step} lr_scale:{lr_scale:.4f} matrices:{set_late_qat(model, True)}")
-        # From the agreed step-end times (the time cap's fraction) or the step count: all ranks switch together.
-        if not model.recur_on and (ends_ms >= h.recur_start * loop_cap_ms if loop_cap_ms > 0 else step >= h.recur_start * h.iterations):
+        # ends_ms comes from the agreed step-end times: all ranks switch at the same step.
+        if not model.recur_on and training_progress(h, step, ends_ms, loop_cap_ms) >= h.recur_start:
             set_recurrence(model, True)
             log(f"recurrence: on from step:{step} train_time:{ends_ms:.0f}ms blocks:{h.recur_layers} repeats:{h.recur_repeats}")
         started_ms = clock_ms()
