@@ -73,6 +73,12 @@ class Hyperparameters:
     ve_dim: int = 128                # width of a value-embedding row
     residual_dtype: str = "bf16"     # bf16 | fp32 (the records): the residual stream under CUDA autocast
     doc_mask: bool = False           # attention, SmearGate, BigramHash stop at each BOS (docs/DOC_MASK.md)
+    # Structure of the later records, off by default (docs/MODEL.md):
+    recur_layers: str = ""           # blocks run again after their first pass, e.g. "4,5"
+    recur_repeats: int = 1           # extra passes of RECUR_LAYERS (shared weights)
+    parallel_resid_start: int = 0    # attn and MLP read one input from this block; 0 = off
+    attn_gate: str = "off"           # off | head (per-head output gate) | sparse (12 inputs)
+    smear_gate: str = "fixed"        # fixed (per channel) | input (shifted by x_t)
 
     # ---- initialisation
     qk_gain_init: float = 4.0        # initial per-head query gain (1.1271 record: 1.5; 4.0 from PR #1125 and the proxy)
@@ -87,6 +93,7 @@ class Hyperparameters:
     warmup_steps: int = 20           # compile-priming steps, undone before the clock starts
     warmdown_iters: int = 3000       # linear LR decay to 0 over the last N steps (in time, under a cap)
     grad_clip_norm: float = 0.3      # global gradient norm; 0 = off
+    recur_start: float = 0.0         # fraction of training before the RECUR_LAYERS repeats start
 
     # ---- optimisers
     matrix_lr: float = 0.025         # Muon, block matrices
@@ -167,7 +174,8 @@ class Hyperparameters:
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "flex", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
-                   "xsa_kernel": ("auto", "triton", "torch"), "loss_kernel": ("auto", "triton", "torch")}
+                   "xsa_kernel": ("auto", "triton", "torch"), "loss_kernel": ("auto", "triton", "torch"),
+                   "attn_gate": ("off", "head", "sparse"), "smear_gate": ("fixed", "input")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.attn_backend != "flex" or self.doc_mask, "ATTN_BACKEND=flex needs DOC_MASK=1 (plain causal attention: use sdpa, fa3 or fa4)")
@@ -181,6 +189,20 @@ class Hyperparameters:
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, f"BIGRAM_VOCAB_SIZE={self.bigram_vocab_size}: expected 0 (off) or at least 2")
         for layer in self.value_embedding_layers():
             need(0 <= layer < self.num_layers, f"VE_LAYERS={self.ve_layers!r}: layer {layer} is outside 0..{self.num_layers - 1}")
+        recur = self.recurrence_layers()
+        need(all(0 <= layer < self.num_layers - 1 for layer in recur),
+             f"RECUR_LAYERS={self.recur_layers!r}: expected blocks in 0..{self.num_layers - 2} (the last block is not looped)")
+        need(not recur or recur == list(range(recur[0], recur[-1] + 1)),
+             f"RECUR_LAYERS={self.recur_layers!r}: expected consecutive blocks in increasing order, e.g. 4,5")
+        need(recur or self.recur_repeats == 1, f"RECUR_REPEATS={self.recur_repeats}: expected 1 without RECUR_LAYERS (nothing to repeat)")
+        need(recur or self.recur_start == 0, f"RECUR_START={self.recur_start}: expected 0 without RECUR_LAYERS (nothing to turn on)")
+        # The warm-up compiles the model with and without the repeats, one priming step at least each.
+        need(self.recur_start == 0 or self.warmup_steps >= 2 or self.compile == "0",
+             f"WARMUP_STEPS={self.warmup_steps}: expected at least 2 with RECUR_START > 0 (the warm-up compiles both structures)")
+        need(0 <= self.parallel_resid_start < self.num_layers,
+             f"PARALLEL_RESID_START={self.parallel_resid_start}: expected 0 (off) or a block in 1..{self.num_layers - 1}")
+        need(self.attn_gate != "sparse" or self.model_dim >= SPARSE_GATE_CHANNELS,
+             f"ATTN_GATE=sparse: expected MODEL_DIM >= {SPARSE_GATE_CHANNELS} (the channels the gate reads)")
         need(0 < self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.swa_every > 0, f"SWA_EVERY={self.swa_every}: expected a positive number of steps")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay}: expected 0 <= decay < 1")
@@ -200,11 +222,17 @@ class Hyperparameters:
         except ValueError:
             raise ConfigError(f"VE_LAYERS={self.ve_layers!r}: expected comma-separated layer numbers, e.g. 9,10") from None
 
+    def recurrence_layers(self) -> list[int]:
+        try:
+            return [int(s) for s in self.recur_layers.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"RECUR_LAYERS={self.recur_layers!r}: expected comma-separated block numbers, e.g. 4,5") from None
+
 
 # The range of every number (validate() checks these first, then the relations between settings;
 # every float must also be finite). Each refusal reads `NAME=value: expected <text>`.
 SETTING_RANGES = (
-    (("vocab_size", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps"),
+    (("vocab_size", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps", "recur_repeats"),
      lambda v: v >= 1, "a positive number"),
     (("mlp_mult", "logit_softcap", "rope_base", "adam_eps", "gptq_damp"), lambda v: v > 0, "a number > 0"),
     (("seed",), lambda v: 0 <= v < 2**63, "0 <= seed < 2**63"),
@@ -215,6 +243,7 @@ SETTING_RANGES = (
      lambda v: v >= 0, "a number >= 0"),
     (("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"), lambda v: 0 <= v < 1, "0 <= value < 1"),
     (("swa_threshold", "late_qat_threshold"), lambda v: 0 <= v <= 1, "0 <= value <= 1 (an LR scale)"),
+    (("recur_start",), lambda v: 0 <= v < 1, "0 <= value < 1 (a fraction of the training time)"),
 )
 
 
@@ -267,11 +296,11 @@ ALIASES = {name: hint for names, hint in (
     (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantization starts; 0 = off)"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
-# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
+# GDK_BACKEND, CGO_ENABLED, CMAKE_BUILD_PARALLEL_LEVEL, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
 COMMON_WORDS = frozenset({
     "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
-    "MAX", "METHOD", "MODEL", "N", "NUM", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD", "STEPS",
-    "TARGET"})
+    "MAX", "METHOD", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD",
+    "STEPS", "TARGET"})
 # First words of other programs' variables: never read, never refused (also any first word PYTHON...).
 FOREIGN_PREFIXES = frozenset({
     "APPTAINER", "AWS", "AZ", "AZURE", "AZUREML", "BUILDKITE", "BUILDKIT", "CARGO", "CI", "CLOUDSDK", "COMPOSE",
@@ -771,6 +800,11 @@ class Kernels:
     loss: str = "torch"
 
 
+# ATTN_GATE=sparse: the gate reads the first channels of the attention input only (8 heads x 12 = 96
+# weights a block, the size of the 04-23 record's sparse gate).
+SPARSE_GATE_CHANNELS = 12
+
+
 def tagged(param: nn.Parameter, role: str) -> nn.Parameter:
     assert role in ROUTES, role
     param.role = role
@@ -1147,6 +1181,10 @@ class Attention(nn.Module):
         self.backend = kernels.attention
         self.qk_fused = kernels.qk == "triton"  # NormRotary
         self.xsa_fused = kernels.xsa == "triton"  # ExclusiveSelfAttention
+        # Output gate per head, 2 sigmoid(w . x): zero weights make it 1, so a new model computes as ungated.
+        self.gate_channels = {"off": 0, "head": h.model_dim, "sparse": SPARSE_GATE_CHANNELS}[h.attn_gate]
+        if self.gate_channels:
+            self.gate = tagged(nn.Parameter(torch.zeros(h.num_heads, self.gate_channels)), "control")
 
     def forward(self, x: Tensor, value_embed: Tensor | None, tail: int, docs=None) -> Tensor:
         """The outputs of the last `tail` positions, attending to all T (or, with docs, to their document's)."""
@@ -1166,6 +1204,9 @@ class Attention(nn.Module):
         if self.xsa:
             xsa = ExclusiveSelfAttention.apply if self.xsa_fused else exclusive_self_attention
             y = xsa(y, v[:, T - tail:])
+        if self.gate_channels:
+            gate = 2 * torch.sigmoid(F.linear(x[:, T - tail:, :self.gate_channels], self.gate.to(x.dtype)))
+            y = y * gate.unsqueeze(-1).to(y.dtype)
         return self.proj(y.reshape(B, tail, -1))
 
 
@@ -1284,6 +1325,7 @@ class Block(nn.Module):
         self.resid_mix = tagged(nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)])), "control")  # x <- a*x + b*x0
         self.input_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
         self.ve_scale = tagged(nn.Parameter(torch.tensor(0.1)), "control") if layer in h.value_embedding_layers() else None
+        self.parallel = 0 < h.parallel_resid_start <= layer  # attention and MLP both read the block's input
 
     def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, tail: int | None = None, docs=None) -> Tensor:
         """Outputs of every position, or of the last `tail` only (their attention still reads all);
@@ -1292,9 +1334,11 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         ve = self.ve_scale * value_embed if self.ve_scale is not None else None
         tail = tail or x.size(1)
-        attn = self.attn(rms_norm(x) * self.input_scale, ve, tail, docs)
+        normed = rms_norm(x) * self.input_scale
+        attn = self.attn(normed, ve, tail, docs)
         x = x[:, x.size(1) - tail:] + self.attn_scale.to(x.dtype) * attn
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale)
+        mlp_in = normed[:, normed.size(1) - tail:] if self.parallel else rms_norm(x) * self.input_scale
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(mlp_in)
 
 
 class BigramHash(nn.Module):
@@ -1323,15 +1367,19 @@ def bigram_rows(idx: Tensor, rows: int) -> Tensor:
 
 
 class SmearGate(nn.Module):
-    """x_t <- (1-g) x_t + g x_{t-1}, with a learned per-channel gate g = sigmoid(w), w = 0 at init."""
+    """x_t <- (1-g) x_t + g x_{t-1}, with a learned per-channel gate g = sigmoid(w), w = 0 at init.
+    SMEAR_GATE=input: g_t = sigmoid(w + x_t . u), the token's own state shifting every channel's gate
+    (u = 0 at init, so it starts as the fixed gate)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
         self.gate = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control")
+        self.shift = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control") if h.smear_gate == "input" else None
 
     def forward(self, x: Tensor, starts: Tensor | None = None) -> Tensor:
         """starts (DOC_MASK): BOS positions, which mix in nothing, as a sequence's first position."""
-        g = torch.sigmoid(self.gate).to(x.dtype)
+        logit = self.gate if self.shift is None else self.gate + (x @ self.shift.to(x.dtype)).unsqueeze(-1)
+        g = torch.sigmoid(logit).to(x.dtype)
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
         if starts is not None:
             previous = previous.masked_fill(starts[..., None], 0.0)
@@ -1428,6 +1476,17 @@ class GPT(nn.Module):
         self.num_encoder = h.num_layers // 2
         num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
         self.skip_weights = tagged(nn.Parameter(torch.ones(num_skips, h.model_dim)), "control")
+        self.recur_layers, self.recur_repeats = h.recurrence_layers(), h.recur_repeats
+        self.recur_on = True  # the final structure; train() holds the repeats back until RECUR_START
+
+    def block_order(self) -> list[tuple[int, bool]]:
+        """(block, first pass?) in running order: the repeats of the looped blocks follow their first
+        pass. A Python value on purpose: torch.compile keeps one graph with the repeats, one without."""
+        order = [(i, True) for i in range(len(self.blocks))]
+        if self.recur_on and self.recur_layers:
+            end = self.recur_layers[-1] + 1
+            order[end:end] = [(i, False) for i in self.recur_layers] * self.recur_repeats
+        return order
 
     def trunk(self, idx: Tensor, tail: int | None = None) -> Tensor:
         """The one forward pass shared by training and evaluation: tokens -> final normalised states,
@@ -1444,13 +1503,14 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # halves the traffic of every residual op
         x0 = x
         value_embed = self.value_embed(idx) if self.value_embed is not None else None
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
+        skips, order = [], self.block_order()
+        for n, (i, first) in enumerate(order):  # the U-Net skips join the blocks' first passes
+            block = self.blocks[i]
+            if first and i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            last = i == len(self.blocks) - 1
+            last = n == len(order) - 1
             x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None, last_docs if last else docs)
-            if i < self.num_encoder:
+            if first and i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x)
 
@@ -1478,6 +1538,11 @@ def build_model(h: Hyperparameters, kernels: Kernels = Kernels()) -> GPT:
     model = GPT(h, kernels)
     route_parameters(model)
     return model
+
+
+def set_recurrence(model: GPT, on: bool) -> None:
+    """Run the repeats of RECUR_LAYERS (the final structure) or not (training before RECUR_START)."""
+    model.recur_on = on
 
 
 def set_late_qat(model: nn.Module, on: bool) -> int:
@@ -1611,6 +1676,11 @@ def lr_scale_at(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float)
         return by_steps
     warmdown_ms = h.warmdown_iters * elapsed_ms / step
     return min(max(cap_ms - elapsed_ms, 0.0) / warmdown_ms, by_steps)
+
+
+def training_progress(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float) -> float:
+    """The fraction of training done: of ITERATIONS, or of the time cap (cap_ms > 0) if that is further."""
+    return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
 
 
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
@@ -2582,8 +2652,13 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     t0 = time.perf_counter()
     initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
     opt = Optimizers(model, routes, h, rt, orthogonalize)
-    for _ in range(h.warmup_steps):
+    # A delayed recurrence primes the training graph without the repeats, then with them (the final
+    # structure: scoring and the export's calibration use it), so that turning it on compiles nothing.
+    recur_delayed = bool(h.recurrence_layers()) and h.recur_start > 0
+    for i in range(h.warmup_steps):
+        set_recurrence(model, not recur_delayed or i >= h.warmup_steps // 2)
         train_step(train_model, opt, loader.next_batch(), rt, 1.0, h.muon_momentum_warmup_start)
+    set_recurrence(model, True)
     evaluator.prime()
     synchronize(rt)
     (_, cold_ms), (_, warm_ms) = timed_quantization(), timed_quantization()
@@ -2594,6 +2669,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         raise RunError(f"the export quantization needs {reserve_ms:.0f}ms reserved, at or above MAX_WALLCLOCK_SECONDS="
                        f"{h.max_wallclock_seconds:g}: no time would be left to train (raise the cap, or lower GPTQ_CALIB_BATCHES)")
     model.load_state_dict(initial)
+    set_recurrence(model, not recur_delayed)
     loader = TrainLoader(h, rt)
     log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and two export quantizations "
         f"(cold:{cold_ms:.0f}ms warm:{warm_ms:.0f}ms reserved:{reserve_ms:.0f}ms) in "
@@ -2602,7 +2678,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     opt = Optimizers(model, routes, h, rt, orthogonalize)
     averager = WeightAverager(model, h)
     loop_cap_ms = cap_ms - reserve_ms if cap_ms > 0 else 0.0
-    step, training_ms, lr_scale, stop, qat_on = 0, 0.0, 1.0, False, False
+    step, training_ms, lr_scale, stop, qat_on, ends_ms = 0, 0.0, 1.0, False, False, 0.0
     records = StepRecords(rt)
     ended_ms = []  # the agreed training time at the end of steps 0, 1, 2, ... as it becomes known
 
@@ -2631,7 +2707,10 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
             training_ms = clock_ms()
             if (figures := records.take()) is not None:
                 accept_record(step, figures, training_ms)
+            recur_on = model.recur_on
+            set_recurrence(model, True)  # every evaluation scores the final structure
             val_loss, val_bpb, _ = evaluator.score(sliding=False)
+            set_recurrence(model, recur_on)
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
             t0 = time.perf_counter()
@@ -2640,6 +2719,10 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         if h.late_qat_threshold > 0 and not qat_on and lr_scale < h.late_qat_threshold:
             qat_on = True
             log(f"late_qat: on from step:{step} lr_scale:{lr_scale:.4f} matrices:{set_late_qat(model, True)}")
+        # ends_ms comes from the agreed step-end times: all ranks switch at the same step.
+        if not model.recur_on and training_progress(h, step, ends_ms, loop_cap_ms) >= h.recur_start:
+            set_recurrence(model, True)
+            log(f"recurrence: on from step:{step} train_time:{ends_ms:.0f}ms blocks:{h.recur_layers} repeats:{h.recur_repeats}")
         started_ms = clock_ms()
         loss = train_step(train_model, opt, batch, rt, lr_scale, muon_momentum_at(h, step))
         batch = loader.next_batch()  # host work overlaps the GPU running this step
@@ -2668,6 +2751,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log(averager.apply())
     set_late_qat(model, False)
+    set_recurrence(model, True)
 
     export, quantization_ms = timed_quantization()
     check_storable(export.state, export.formats, export.quantized)  # every rank holds the same weights: all stop together
@@ -2719,7 +2803,7 @@ def model_settings(h: Hyperparameters) -> dict:
 
 # Model settings that are sizes (a count of blocks, heads, rows or columns) or scales of the model: at least 1, resp. above 0.
 POSITIVE_MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
-                           "bigram_dim", "ve_dim")
+                           "bigram_dim", "ve_dim", "recur_repeats")
 
 
 def stored_model_settings(config: dict, h: Hyperparameters, source: str) -> dict:
