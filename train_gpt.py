@@ -114,7 +114,7 @@ class Hyperparameters:
     quant_method: str = "gptq"       # rtn (row max) | gptq_lite (best clip a row) | gptq (+ Hessian rounding)
     gptq_calib_batches: int = 1      # training batches (of TRAIN_BATCH_TOKENS) for GPTQ's Hessians
     gptq_damp: float = 0.01          # GPTQ damping, times the mean Hessian diagonal
-    gptq_embed: bool = False         # GPTQ for the tied embedding too (its output-layer inputs' Hessian)
+    gptq_embed: bool = False         # GPTQ for the embedding tables too (docs/EXPORT.md)
     target_bytes: int = 16_000_000   # artifact + code; quantised +-1 values are zeroed until it fits
 
     # ---- export techniques of the later records (docs/EXPORT.md), off until measured
@@ -294,10 +294,11 @@ ALIASES = {name: hint for names, hint in (
     (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantisation starts; 0 = off)"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
-# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
+# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, torchrun's LOCAL_RANK, ...): alone they do not
+# make a name a setting's.
 COMMON_WORDS = frozenset({
     "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
-    "MAX", "METHOD", "MODEL", "N", "NUM", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD", "STEPS",
+    "MAX", "METHOD", "MODEL", "N", "NUM", "PATH", "RANK", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD", "STEPS",
     "TARGET"})
 # First words of other programs' variables: never read, never refused (also any first word PYTHON...).
 FOREIGN_PREFIXES = frozenset({
@@ -1738,7 +1739,8 @@ def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Line
 def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
     """Sum of x x^T over the inputs x of every integer-exported Linear, and with GPTQ_EMBED of the output
     layer (the tied embedding, when it is exported as integers), from training batches, summed over ranks
-    (GPTQ calibration)."""
+    (GPTQ calibration). With GPTQ_EMBED the integer side tables (BigramHash, value embeddings) get the
+    Hessian of their projection instead."""
     hessians, hooks = {}, []
     if h.gptq_embed and export_format(h, "embed", model.tok_emb.weight.numel())[0] == "int":
         H_out = hessians["tok_emb.weight"] = torch.zeros(h.model_dim, h.model_dim, device=rt.device)
@@ -1767,6 +1769,13 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
             hook.remove()
         for mlp in fused:
             mlp.fused = True
+    if h.gptq_embed:  # a side table's row error e reaches the residual stream as proj e: Hessian proj^T proj
+        tokens = sum(x.numel() for x, _ in batches)
+        for prefix, side in (("bigram", model.bigram), ("value_embed", model.value_embed)):
+            if side is not None and export_format(h, "embed", side.embed.weight.numel())[0] == "int":
+                P = side.proj.weight.detach().float().to(rt.device)
+                # times a row's mean use in calibration, so that fit_to_budget weighs it like the token-summed ones
+                hessians[f"{prefix}.embed.weight"] = P.T @ P * (tokens / side.embed.weight.size(0))
     if rt.distributed:
         for H in hessians.values():
             dist.all_reduce(H)
