@@ -128,6 +128,7 @@ class Hyperparameters:
     lqer_tensors: int = 3            # ... of this many most damaged block matrices
     lqer_bits: int = 8               # ... its factors' per-row integer width
     calib: str = "train"             # GPTQ calibration: train | self (sampled, after clock)
+    fit_method: str = "ones"         # to fit: ones (zero +-1 values) | cheapest (docs)
 
     # ---- evaluation and logging
     eval_seq_len: int = 2048         # evaluation window
@@ -173,7 +174,7 @@ class Hyperparameters:
         need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult}: expected MLP_MULT * MODEL_DIM >= 1 (the MLP hidden width)")
         need(1 <= self.target_bytes <= SIZE_CAP_BYTES, f"TARGET_BYTES={self.target_bytes}: expected 1..{SIZE_CAP_BYTES} (the size cap)")
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
-                   "clip": ("search", "std"), "calib": ("train", "self"),
+                   "clip": ("search", "std"), "calib": ("train", "self"), "fit_method": ("ones", "cheapest"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
                    "xsa_kernel": ("auto", "triton", "torch")}
@@ -1662,10 +1663,12 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
 LQER_SUFFIXES = (".lqer_a", ".lqer_b")
 
 
-def rounding_damage(w: Tensor, q: Tensor, scale: Tensor, hessian: Tensor | None) -> float:
-    """The squared output error of the rounded matrix over the calibration inputs, tr(E H E^T) with
-    E = w - dequantised; the squared error of the weights without a Hessian."""
+def rounding_damage(w: Tensor, q: Tensor, scale: Tensor, hessian: Tensor | None, correction: Tensor | None = None) -> float:
+    """The squared output error of the rounded (and corrected) matrix over the calibration inputs,
+    tr(E H E^T) with E = w - dequantised (- correction); the squared error of the weights without a Hessian."""
     e = w.float() - dequantize_rows(q, scale)
+    if correction is not None:
+        e = e - correction
     if hessian is None:
         return float(e.square().sum())
     e = e.to(hessian.device)
@@ -1987,15 +1990,73 @@ def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level).compress(container)
 
 
-def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
-                  config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[bytes, int]:
-    """The compressed artifact, at most `budget` bytes: if needed, quantised +-1 values are set to 0,
-    cheapest first (PR #609). The cost of zeroing one is the rise in its squared rounding error,
-    weighted by its input's Hessian diagonal where there is one. The count is searched with a fast
-    zstd level scaled to level 22, then checked at level 22. Returns (artifact, values zeroed)."""
-    blob = compress(pack_artifact(state, formats, quantized, config))
-    if len(blob) <= budget:
-        return blob, 0
+FAST_ZSTD_LEVEL = 3  # for estimates; the artifact itself is always compressed at ZSTD_LEVEL
+
+
+def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                       hessians: dict[str, Tensor]) -> list[tuple[float, int, str]]:
+    """The ways to save bytes a whole tensor at a time, each (damage, bytes saved, name): dropping the
+    low-rank correction of `name`, or narrowing the integer matrix `name` (without a correction) by one
+    bit, rounded to nearest at its row max. Damage is the rise of rounding_damage; the bytes are the
+    values and scales compressed alone at FAST_ZSTD_LEVEL."""
+    size = lambda q, scale: len(compress(q.numpy().tobytes() + scale.numpy().tobytes(), FAST_ZSTD_LEVEL))
+    corrected = {n[:-len(LQER_SUFFIXES[0])] for n in quantized if n.endswith(LQER_SUFFIXES[0])}
+    moves = []
+    for name, (q, scale) in quantized.items():
+        if name.endswith(LQER_SUFFIXES):
+            continue
+        w, H = state[name], hessians.get(name)
+        now = rounding_damage(w, q, scale, H)
+        if name in corrected:
+            a, b = (quantized[name + suffix] for suffix in LQER_SUFFIXES)
+            damage = now - rounding_damage(w, q, scale, H, dequantize_rows(*a).T @ dequantize_rows(*b))
+            moves.append((damage, size(*a) + size(*b), name))
+        elif formats[name][1] > 2:
+            narrow = quantize_rows(w, formats[name][1] - 1)
+            moves.append((rounding_damage(w, *narrow, H) - now, size(q, scale) - size(*narrow), name))
+    return [m for m in moves if m[1] > 0]
+
+
+def cheapest_whole_moves(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                         config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[dict, dict, dict, list[str]]:
+    """FIT_METHOD=cheapest: the whole-tensor moves (whole_tensor_moves) whose damage per byte is below that
+    of zeroing ±1 values, taken in that order while the artifact is over `budget`; fit_to_budget zeroes ±1
+    values for the rest. The ±1 rate: the summed cost of the cheapest ±1 values that close the gap, over
+    the gap, at their mean bytes a value (measured by zeroing them all). Returns the state, formats and
+    integers after the moves, and the moves ("narrowed <name> to intN", "dropped <name>'s correction")."""
+    container = pack_artifact(state, formats, quantized, config)
+    over = len(compress(container)) - budget
+    if over <= 0:
+        return state, formats, quantized, []
+    costs, places = plus_minus_one_costs(state, quantized, hessians)
+    cumulative = torch.cat(costs).sort().values.double().cumsum(0)
+    zeroed = {name: (q.masked_fill(q.abs() == 1, 0), scale) for name, (q, scale) in quantized.items() if not name.endswith(LQER_SUFFIXES)}
+    fast = lambda qz: len(compress(pack_artifact(state, formats, qz, config), FAST_ZSTD_LEVEL))
+    per_value = max(fast(quantized) - fast(quantized | zeroed), 1) / max(len(cumulative), 1)
+    state, formats, quantized, applied = dict(state), dict(formats), dict(quantized), []
+    for damage, saved, name in sorted(whole_tensor_moves(state, formats, quantized, hessians), key=lambda m: m[0] / m[1]):
+        if over <= 0:
+            break
+        needed = math.ceil(over / per_value)
+        rate = float(cumulative[needed - 1]) / over if needed <= len(cumulative) else math.inf
+        if damage / saved >= rate:
+            break
+        if name + LQER_SUFFIXES[0] in quantized:
+            for suffix in LQER_SUFFIXES:
+                del state[name + suffix], formats[name + suffix], quantized[name + suffix]
+            applied.append(f"dropped {name}'s correction")
+        else:
+            bits = formats[name][1] - 1
+            formats[name], quantized[name] = ("int", bits, 1.0), quantize_rows(state[name], bits)
+            applied.append(f"narrowed {name} to int{bits}")
+        over -= saved
+    return state, formats, quantized, applied
+
+
+def plus_minus_one_costs(state: dict[str, Tensor], quantized: dict[str, tuple[Tensor, Tensor]],
+                         hessians: dict[str, Tensor]) -> tuple[list[Tensor], list[tuple[str, Tensor]]]:
+    """The cost of zeroing each quantised ±1 value (the rise in its squared rounding error, weighted by its
+    input's Hessian diagonal where there is one) and where they are: per tensor, the costs and (name, flat indices)."""
     costs, places = [], []
     for name, (q, scale) in quantized.items():
         if name.endswith(LQER_SUFFIXES):  # a correction is dropped whole, not thinned
@@ -2008,6 +2069,19 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
         ones = (q.abs() == 1).flatten().nonzero().squeeze(1)
         costs.append(cost.flatten()[ones])
         places += [(name, ones)]
+    return costs, places
+
+
+def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                  config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[bytes, int]:
+    """The compressed artifact, at most `budget` bytes: if needed, quantised +-1 values are set to 0,
+    cheapest first (PR #609). The cost of zeroing one is the rise in its squared rounding error,
+    weighted by its input's Hessian diagonal where there is one. The count is searched with a fast
+    zstd level scaled to level 22, then checked at level 22. Returns (artifact, values zeroed)."""
+    blob = compress(pack_artifact(state, formats, quantized, config))
+    if len(blob) <= budget:
+        return blob, 0
+    costs, places = plus_minus_one_costs(state, quantized, hessians)
     order = torch.cat(costs).argsort()
     offsets = np.cumsum([0] + [len(i) for _, i in places])
 
@@ -2022,7 +2096,7 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
                 pruned[name] = (q, pruned[name][1])
         return compress(pack_artifact(state, formats, pruned, config), level)
 
-    fast_level = 3
+    fast_level = FAST_ZSTD_LEVEL
     ratio = len(blob) / len(artifact(0, fast_level))
     lo, hi = 0, len(order)
     while hi - lo > max(1, len(order) // 2000):  # bisect on the fast estimate
@@ -2037,13 +2111,16 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
     return packed, k
 
 
-def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int]:
-    """Pack, fit to the byte budget, compress and write (temporary name, then rename).
-    Returns (artifact bytes, quantised values zeroed to fit)."""
-    blob, pruned = fit_to_budget(export.state, export.formats, export.quantized, model_settings(h), export.hessians, budget)
+def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int, list[str]]:
+    """Pack, fit to the byte budget (with FIT_METHOD=cheapest, whole-tensor moves first), compress and write
+    (temporary name, then rename). Returns (artifact bytes, quantised values zeroed to fit, whole-tensor moves)."""
+    state, formats, quantized, moves = export.state, export.formats, export.quantized, []
+    if h.fit_method == "cheapest":
+        state, formats, quantized, moves = cheapest_whole_moves(state, formats, quantized, model_settings(h), export.hessians, budget)
+    blob, pruned = fit_to_budget(state, formats, quantized, model_settings(h), export.hessians, budget)
     check_size_cap(len(blob) + CODE_BYTES)  # an artifact over the cap never gets a name
     write_atomic(path, blob)
-    return len(blob), pruned
+    return len(blob), pruned, moves
 
 
 def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
@@ -2643,8 +2720,9 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
-    _, zeroed = on_master(rt, lambda: export_artifact(export, h, artifact_path, h.target_bytes - CODE_BYTES))
-    log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
+    _, zeroed, moves = on_master(rt, lambda: export_artifact(export, h, artifact_path, h.target_bytes - CODE_BYTES))
+    log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantised +-1 values zeroed to fit TARGET_BYTES={h.target_bytes}"
+        + "".join(f"; {move}" for move in moves) + ")")
     state, _ = load_artifact(artifact_path)  # the score is always that of the bytes on disk
     model.load_state_dict(state)
     log_sizes(log, artifact_path.stat().st_size)

@@ -76,7 +76,7 @@ def test_layer_bits_set_each_blocks_width():
 
 # ---- LQER
 
-def lqer_export(rank=4, tensors=2, bits=8):
+def lqer_export(rank=4, tensors=2, bits=6):
     torch.manual_seed(1)
     state = {f"m{i}": torch.randn(96 + 32 * i, 160) * (0.02 + 0.01 * i) for i in range(3)} | {"g": torch.ones(5)}
     formats = {n: ("int", 4, 1.0) for n in state if n != "g"} | {"g": ("fp32",)}
@@ -100,12 +100,13 @@ def test_lqer_corrects_the_most_damaged_matrices_by_the_stored_low_rank_product(
             assert torch.equal(loaded[name], plain)
             continue
         a, b = tg.dequantize_rows(*q2[name + ".lqer_a"]), tg.dequantize_rows(*q2[name + ".lqer_b"])
-        assert a.shape == (4, state[name].size(0)) and b.shape == (4, 160) and f2[name + ".lqer_b"] == ("int", 8, 1.0)
+        assert a.shape == (4, state[name].size(0)) and b.shape == (4, 160) and f2[name + ".lqer_b"] == ("int", 6, 1.0)
+        assert q2[name + ".lqer_a"][0].abs().max() == 31  # LQER_BITS=6: the factors use the int6 range
         torch.testing.assert_close(loaded[name], plain + a.T @ b, rtol=0, atol=1e-6)
         # the stored factors approximate the best rank-4 correction of the error
         U, S, Vh = torch.linalg.svd(state[name] - plain, full_matrices=False)
         best = (U[:, :4] * S[:4]) @ Vh[:4]
-        assert (a.T @ b - best).norm() < 0.02 * best.norm()
+        assert (a.T @ b - best).norm() < 0.1 * best.norm()
         assert (loaded[name] - state[name]).norm() < (plain - state[name]).norm()
     # counted in the bytes: the compressed artifact grows by the factors
     assert len(tg.compress(container)) > len(tg.compress(tg.pack_artifact(state, formats, quantized, {}))) + 1000
@@ -174,6 +175,8 @@ def test_self_generated_calibration_samples_the_model_from_bos():
     torch.manual_seed(0)
     h = tiny_h(quant_method="gptq", calib="self", grad_accum_steps=2, train_seq_len=6, gptq_calib_batches=2)
     model = tg.build_model(h)
+    with torch.no_grad():
+        model.tok_emb.weight.normal_(0, 0.1)  # next-token distributions neither flat nor certain: the temperature matters
     rt = CpuRuntime()
     rt.micro_batch_seqs = 3
     batches = tg.self_generated_batches(model, h, rt)
@@ -247,3 +250,51 @@ def test_bad_export_settings_are_refused_naming_the_setting(settings, text):
 def test_the_script_refuses_bad_export_settings_in_one_line(run, settings, text):
     assert_one_line_error(run(RUN_ID="bad", **settings), text)
     assert not (run.cwd / "logs").exists()
+
+
+# ---- FIT_METHOD=cheapest
+
+def two_corrected_matrices():
+    torch.manual_seed(2)
+    state = {"m0": torch.randn(128, 256) * 0.02, "m1": torch.randn(128, 256) * 0.02}
+    formats = {"m0": ("int", 8, 1.0), "m1": ("int", 3, 1.0)}
+    h = tiny_h(quant_method="rtn", lqer_rank=8, lqer_tensors=2)
+    quantized = tg.quantize_state(state, formats, h, {})
+    return tg.with_low_rank_corrections(state, formats, quantized, {}, ["m0", "m1"], h)
+
+
+def test_whole_tensor_moves_are_measured_directly():
+    state, formats, quantized = two_corrected_matrices()
+    moves = {name: (damage, saved) for damage, saved, name in tg.whole_tensor_moves(state, formats, quantized, {})}
+    assert moves.keys() == {"m0", "m1"}  # both corrected: their move is dropping the correction
+    size = lambda q, s: len(tg.compress(q.numpy().tobytes() + s.numpy().tobytes(), tg.FAST_ZSTD_LEVEL))
+    for name in ("m0", "m1"):
+        plain = state[name] - tg.dequantize_rows(*quantized[name])
+        a, b = (tg.dequantize_rows(*quantized[name + s]) for s in tg.LQER_SUFFIXES)
+        damage = plain.square().sum().item() - (plain - a.T @ b).square().sum().item()
+        assert moves[name][0] == pytest.approx(damage, rel=1e-4) and moves[name][0] > 0
+        assert moves[name][1] == size(*quantized[name + ".lqer_a"]) + size(*quantized[name + ".lqer_b"])
+    del state["m0.lqer_a"], state["m0.lqer_b"], quantized["m0.lqer_a"], quantized["m0.lqer_b"]
+    (damage, saved, name), = [m for m in tg.whole_tensor_moves(state, formats, quantized, {}) if m[2] == "m0"]
+    narrow = tg.quantize_rows(state["m0"], 7)  # without a correction: one bit narrower
+    direct = (state["m0"] - tg.dequantize_rows(*narrow)).square().sum() - (state["m0"] - tg.dequantize_rows(*quantized["m0"])).square().sum()
+    assert damage == pytest.approx(direct.item(), rel=1e-4) and saved == size(*quantized["m0"]) - size(*narrow)
+
+
+def test_cheapest_fit_gives_up_the_correction_that_buys_least_before_any_ones(tmp_path):
+    state, formats, quantized = two_corrected_matrices()
+    full = len(tg.compress(tg.pack_artifact(state, formats, quantized, {})))
+    s2, f2, q2, moves = tg.cheapest_whole_moves(state, formats, quantized, {}, {}, full - 200)
+    assert moves == ["dropped m0's correction"]  # m0 is rounded at 8 bits: its correction removes almost nothing
+    assert "m0.lqer_a" not in q2 and "m1.lqer_a" in q2 and torch.equal(q2["m1"][0], quantized["m1"][0])
+    export = tg.Export(state, formats, quantized, {})
+    h = tiny_h(fit_method="cheapest")
+    size, zeroed, moves = tg.export_artifact(export, h, tmp_path / "a.model.zst", full - 200)
+    assert moves == ["dropped m0's correction"] and zeroed == 0 and size <= full - 200
+    assert tg.export_artifact(export, tiny_h(), tmp_path / "b.model.zst", full - 200)[1:] != (0, [])  # ones: values zeroed instead
+    assert tg.cheapest_whole_moves(state, formats, quantized, {}, {}, full)[3] == []  # it fits: nothing given up
+    # m1 alone, 3 bits: its correction buys much; a small gap is closed by its cheapest +-1 values instead
+    only = lambda d: {k: v for k, v in d.items() if k.startswith("m1")}
+    s1, f1, q1 = only(state), only(formats), only(quantized)
+    full1 = len(tg.compress(tg.pack_artifact(s1, f1, q1, {})))
+    assert tg.cheapest_whole_moves(s1, f1, q1, {}, {}, full1 - 100)[3] == []
