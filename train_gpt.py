@@ -128,7 +128,7 @@ class Hyperparameters:
     lqer_tensors: int = 3            # ... of this many most damaged block matrices
     lqer_bits: int = 8               # ... its factors' per-row integer width
     calib: str = "train"             # GPTQ calibration: train | self (sampled, after clock)
-    fit_method: str = "ones"         # to fit: ones (zero +-1 values) | cheapest (docs)
+    fit_method: str = "ones"         # fit by: ones (zero +-1 values) | cheapest (+ whole tensors)
 
     # ---- evaluation and logging
     eval_seq_len: int = 2048         # evaluation window

@@ -237,6 +237,7 @@ def test_the_export_settings_end_to_end_rescore_exactly(run):
     ({"LQER_BITS": "1"}, "error: LQER_BITS=1: expected 2..8"),
     ({"CALIB": "val"}, "error: CALIB='val': expected one of train, self"),
     ({"CALIB": "self", "QUANT_METHOD": "rtn"}, "error: CALIB=self: calibrates GPTQ, expected QUANT_METHOD=gptq"),
+    ({"FIT_METHOD": "all"}, "error: FIT_METHOD='all': expected one of ones, cheapest"),
 ])
 def test_bad_export_settings_are_refused_naming_the_setting(settings, text):
     with pytest.raises(tg.ConfigError, match="^" + re.escape(text.removeprefix("error: "))):
