@@ -124,8 +124,21 @@ class Hyperparameters:
     quant_method: str = "gptq"       # rtn (row max) | gptq_lite (best clip a row) | gptq (+ Hessian rounding)
     gptq_calib_batches: int = 1      # training batches (of TRAIN_BATCH_TOKENS) for GPTQ's Hessians
     gptq_damp: float = 0.01          # GPTQ damping, times the mean Hessian diagonal
-    gptq_embed: bool = False         # GPTQ for the tied embedding too (its output-layer inputs' Hessian)
+    gptq_embed: bool = False         # GPTQ for the embedding tables too (docs/EXPORT.md)
     target_bytes: int = 16_000_000   # artifact + code; quantized +-1 values are zeroed until it fits
+
+    # ---- export techniques of the later records (docs/EXPORT.md), off until measured
+    clip: str = "search"             # row clip: search (QUANT_METHOD's) | std (k x row std)
+    clip_std_k_attn: float = 12.85   # CLIP=std: attention (and side-projection) k
+    clip_std_k_mlp: float = 12.85    # CLIP=std: MLP k
+    clip_std_k_embed: float = 20.0   # CLIP=std: embedding k
+    attn_layer_bits: str = ""        # ATTN_BITS per block, e.g. 5,5,6,...; "" = ATTN_BITS
+    mlp_layer_bits: str = ""         # MLP_BITS per block; "" = MLP_BITS
+    lqer_rank: int = 0               # low-rank correction of the rounding error; 0 = off
+    lqer_tensors: int = 3            # ... of this many most damaged block matrices
+    lqer_bits: int = 8               # ... its factors' per-row integer width
+    calib: str = "train"             # GPTQ calibration: train | self (sampled, after clock)
+    fit_method: str = "ones"         # fit by: ones (zero +-1 values) | cheapest (+ whole tensors)
 
     # ---- evaluation and logging
     eval_seq_len: int = 2048         # evaluation window
@@ -172,6 +185,7 @@ class Hyperparameters:
         need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult}: expected MLP_MULT * MODEL_DIM >= 1 (the MLP hidden width)")
         need(1 <= self.target_bytes <= SIZE_CAP_BYTES, f"TARGET_BYTES={self.target_bytes}: expected 1..{SIZE_CAP_BYTES} (the size cap)")
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "residual_dtype": ("bf16", "fp32"), "weight_avg": ("ema", "swa", "none"), "quant_method": ("rtn", "gptq_lite", "gptq"),
+                   "clip": ("search", "std"), "calib": ("train", "self"), "fit_method": ("ones", "cheapest"),
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "flex", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
                    "xsa_kernel": ("auto", "triton", "torch"), "loss_kernel": ("auto", "triton", "torch"),
@@ -206,15 +220,36 @@ class Hyperparameters:
         need(0 < self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.swa_every > 0, f"SWA_EVERY={self.swa_every}: expected a positive number of steps")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay}: expected 0 <= decay < 1")
-        for name in ("attn_bits", "mlp_bits", "embed_bits"):
+        for name in ("attn_bits", "mlp_bits", "embed_bits", "lqer_bits"):
             need(2 <= getattr(self, name) <= 8, f"{name.upper()}={getattr(self, name)}: expected 2..8")
+        need(self.clip != "std" or self.quant_method != "gptq_lite",
+             "CLIP=std replaces GPTQ-lite's clip search: expected QUANT_METHOD=gptq or rtn with it")
+        for category in ("attn", "mlp"):
+            widths = self.block_bits(category)
+            need(not widths or self.late_qat_threshold == 0, f"{category.upper()}_LAYER_BITS with LATE_QAT_THRESHOLD: "
+                 f"late QAT fake-quantizes at {category.upper()}_BITS; expected one of them off")
+        narrowest = min(self.num_kv_heads * head_dim, int(self.mlp_mult * self.model_dim))
+        need(self.lqer_rank <= narrowest, f"LQER_RANK={self.lqer_rank}: expected 0..{narrowest} (the narrowest block matrix's side)")
+        need(self.calib != "self" or self.quant_method == "gptq", f"CALIB=self: calibrates GPTQ, expected QUANT_METHOD=gptq")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_batch_seqs", "train_log_every",
-                     "gptq_calib_batches", "target_bytes"):
+                     "gptq_calib_batches", "target_bytes", "lqer_tensors"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)}: expected a positive number")
 
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    def block_bits(self, category: str) -> list[int]:
+        """ATTN_LAYER_BITS or MLP_LAYER_BITS as one width per block; [] when unset."""
+        raw = {"attn": self.attn_layer_bits, "mlp": self.mlp_layer_bits}[category]
+        name = f"{category.upper()}_LAYER_BITS"
+        try:
+            widths = [int(s) for s in raw.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected comma-separated widths, one per block, e.g. 5,5,6") from None
+        if widths and (len(widths) != self.num_layers or not all(2 <= b <= 8 for b in widths)):
+            raise ConfigError(f"{name}={raw!r}: expected {self.num_layers} widths (NUM_LAYERS), each in 2..8")
+        return widths
 
     def value_embedding_layers(self) -> list[int]:
         try:
@@ -234,7 +269,9 @@ class Hyperparameters:
 SETTING_RANGES = (
     (("vocab_size", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps", "recur_repeats"),
      lambda v: v >= 1, "a positive number"),
-    (("mlp_mult", "logit_softcap", "rope_base", "adam_eps", "gptq_damp"), lambda v: v > 0, "a number > 0"),
+    (("mlp_mult", "logit_softcap", "rope_base", "adam_eps", "gptq_damp", "clip_std_k_attn", "clip_std_k_mlp", "clip_std_k_embed"),
+     lambda v: v > 0, "a number > 0"),
+    (("lqer_rank",), lambda v: v >= 0, "a number >= 0 (0 = off)"),
     (("seed",), lambda v: 0 <= v < 2**63, "0 <= seed < 2**63"),
     (("grad_accum_steps",), lambda v: v >= 0, "a number >= 0 (0 = 8 // world size)"),
     (("warmup_steps", "warmdown_iters", "muon_momentum_warmup_steps", "val_loss_every"), lambda v: v >= 0, "a number >= 0"),
@@ -296,11 +333,12 @@ ALIASES = {name: hint for names, hint in (
     (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantization starts; 0 = off)"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
-# GDK_BACKEND, CGO_ENABLED, CMAKE_BUILD_PARALLEL_LEVEL, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
+# GDK_BACKEND, CGO_ENABLED, CMAKE_BUILD_PARALLEL_LEVEL, AB_STEPS of bench/ab_step.py, torchrun's LOCAL_RANK, ...):
+# alone they do not make a name a setting's.
 COMMON_WORDS = frozenset({
     "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
-    "MAX", "METHOD", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD",
-    "STEPS", "TARGET"})
+    "MAX", "METHOD", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RANK", "RUN", "SCALE", "SECONDS", "SIZE", "START",
+    "STD", "STEPS", "TARGET"})
 # First words of other programs' variables: never read, never refused (also any first word PYTHON...).
 FOREIGN_PREFIXES = frozenset({
     "APPTAINER", "AWS", "AZ", "AZURE", "AZUREML", "BUILDKITE", "BUILDKIT", "CARGO", "CI", "CLOUDSDK", "COMPOSE",
@@ -1743,25 +1781,47 @@ except ImportError:
     zstandard = None
 
 
-def export_format(h: Hyperparameters, role: str, numel: int) -> tuple:
-    """("int", bits, clip quantile) | ("fp16",) | ("fp32",) for a parameter of this role and size."""
+def block_of(name: str) -> int | None:
+    """The block index of a parameter name (blocks.<i>. ...), None outside the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def export_format(h: Hyperparameters, role: str, numel: int, block: int | None = None) -> tuple:
+    """("int", bits, clip) | ("fp16",) | ("fp32",) for a parameter of this role and size (in this block).
+    The clip is a quantile of |w| with CLIP=search, a multiple of the row's standard deviation with
+    CLIP=std (side projections take the attention's)."""
     category = ROUTES[role][1]
     if category == "control":
         return ("fp32",)
     if numel <= SMALL_TENSOR_NUMEL:
         return ("fp16",)
     bits = {"attn": h.attn_bits, "mlp": h.mlp_bits, "embed": h.embed_bits, "proj": 8}[category]
+    if block is not None and category in ("attn", "mlp") and (widths := h.block_bits(category)):
+        bits = widths[block]
+    if h.clip == "std":
+        return ("int", bits, {"attn": h.clip_std_k_attn, "mlp": h.clip_std_k_mlp, "embed": h.clip_std_k_embed, "proj": h.clip_std_k_attn}[category])
     return ("int", bits, EMBED_CLIP_QUANTILE if category == "embed" else 1.0)
 
 
-def row_scales(w: Tensor, bits: int, clip: float = 1.0) -> Tensor:
-    """One fp16 step per row: the row's max |w| (or its `clip` quantile) over 2^(bits-1) - 1, rounded
-    up to an fp16 value so that unclipped weights stay within the integer range."""
+def fp16_steps(magnitude: Tensor, bits: int) -> Tensor:
+    """The per-row step magnitude / (2^(bits-1) - 1), rounded up to an fp16 value so that weights up to
+    the magnitude stay within the integer range."""
     qmax = 2 ** (bits - 1) - 1
-    magnitude = w.abs().amax(dim=-1) if clip >= 1.0 else torch.quantile(w.abs(), clip, dim=-1)
     scale = (magnitude / qmax).clamp_min(FP16_MIN_NORMAL)
     scale16 = scale.half()
     return torch.where(scale16.float() < scale, (scale * (1 + 2.0 ** -10)).half(), scale16)
+
+
+def row_scales(w: Tensor, bits: int, clip: float = 1.0) -> Tensor:
+    """One fp16 step per row: the row's max |w|, or its `clip` quantile."""
+    return fp16_steps(w.abs().amax(dim=-1) if clip >= 1.0 else torch.quantile(w.abs(), clip, dim=-1), bits)
+
+
+def std_scales(w: Tensor, bits: int, k: float) -> Tensor:
+    """One fp16 step per row for a clip of k row standard deviations (the 2026-04-05 record's SDClip):
+    one rounding pass instead of a clip search; a large k leaves levels unused, which compresses."""
+    return fp16_steps(k * w.float().std(dim=-1, correction=0), bits)
 
 
 def round_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -1836,14 +1896,21 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
                    hessians: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """(int8 values, fp16 row scales) of every tensor exported as integers. Embeddings use their fixed
     clip quantile; matrices use QUANT_METHOD: rtn (row max), gptq_lite (best clip per row) or gptq
-    (best clip per row, then GPTQ rounding with the Hessians of their inputs). Matrices of one shape
-    are solved together; the work runs where the Hessians are."""
+    (best clip per row, then GPTQ rounding with the Hessians of their inputs). With CLIP=std every
+    row's clip is k row standard deviations, then GPTQ rounds where there is a Hessian, otherwise
+    rounding to nearest. Matrices of one shape are solved together; the work runs where the Hessians are."""
     quantized, batches = {}, {}
     for name, fmt in formats.items():
         if fmt[0] != "int":
             continue
         w, bits, clip = state[name], fmt[1], fmt[2]
-        if clip < 1.0 and h.quant_method == "gptq" and name in hessians:  # the tied embedding, as the output layer
+        if h.clip == "std":  # the row step is fixed by the row's spread; GPTQ, where there is a Hessian, rounds
+            if h.quant_method == "gptq" and name in hessians:
+                batches.setdefault((tuple(w.shape), bits), []).append(name)
+            else:
+                scale = std_scales(w, bits, clip)
+                quantized[name] = (round_to_grid(w.float(), scale, bits), scale)
+        elif clip < 1.0 and h.quant_method == "gptq" and name in hessians:  # the tied embedding, as the output layer
             scale = row_scales(w.float(), bits, clip)
             quantized[name] = (gptq_round(w[None].to(hessians[name].device), hessians[name][None], scale[None].to(hessians[name].device),
                                           bits, damp=h.gptq_damp)[0], scale)
@@ -1857,11 +1924,68 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
     for (_, bits), names in batches.items():
         H = torch.stack([hessians[n] for n in names])
         w = torch.stack([state[n] for n in names]).to(H.device)
-        scale = best_clip_scales(w, bits)
+        if h.clip == "std":
+            scale = torch.stack([std_scales(w[i], bits, formats[n][2]) for i, n in enumerate(names)])
+        else:
+            scale = best_clip_scales(w, bits)
         q = gptq_round(w, H, scale, bits, damp=h.gptq_damp)
         for i, name in enumerate(names):
             quantized[name] = (q[i], scale[i])
     return {name: (q.cpu(), scale.cpu()) for name, (q, scale) in quantized.items()}  # packing reads host memory
+
+
+# A matrix with a low-rank correction stores it as two int tensors of its own: a (rank, rows) and
+# b (rank, cols), one row scale per singular direction; the loader adds a^T b to the matrix.
+LQER_SUFFIXES = (".lqer_a", ".lqer_b")
+
+
+def rounding_damage(w: Tensor, q: Tensor, scale: Tensor, hessian: Tensor | None, correction: Tensor | None = None) -> float:
+    """The squared output error of the rounded (and corrected) matrix over the calibration inputs,
+    tr(E H E^T) with E = w - dequantized (- correction); the squared error of the weights without a Hessian."""
+    e = w.float() - dequantize_rows(q, scale)
+    if correction is not None:
+        e = e - correction
+    if hessian is None:
+        return float(e.square().sum())
+    e = e.to(hessian.device)
+    return float(((e @ hessian.float()) * e).sum())
+
+
+def low_rank_correction(w: Tensor, q: Tensor, scale: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """LQER (Zhang et al. 2024; the 2026-04-27 record): the best rank-r approximation a^T b of the
+    rounding error E = w - dequantized, by SVD, split evenly between the factors (a = sqrt(S) U^T,
+    b = sqrt(S) V^T) so that both round well per row."""
+    U, S, Vh = torch.linalg.svd(w.float() - dequantize_rows(q, scale), full_matrices=False)
+    root = S[:rank].sqrt()[:, None]
+    return root * U[:, :rank].T, root * Vh[:rank]
+
+
+def with_low_rank_corrections(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                              hessians: dict[str, Tensor], candidates: list[str], h: Hyperparameters) -> tuple[dict, dict, dict]:
+    """State, formats and integers with the LQER factors of the LQER_TENSORS candidates the rounding damaged
+    most (rounding_damage) added as int tensors (LQER_BITS, row max), so that they are packed and counted
+    like any other."""
+    state, formats, quantized = dict(state), dict(formats), dict(quantized)
+    damage = {n: rounding_damage(state[n], *quantized[n], hessians.get(n)) for n in candidates}
+    for name in sorted(candidates, key=lambda n: -damage[n])[:h.lqer_tensors]:
+        for suffix, factor in zip(LQER_SUFFIXES, low_rank_correction(state[name], *quantized[name], h.lqer_rank)):
+            state[name + suffix] = factor.contiguous()
+            formats[name + suffix] = ("int", h.lqer_bits, 1.0)
+            quantized[name + suffix] = quantize_rows(factor, h.lqer_bits)
+    return state, formats, quantized
+
+
+def fold_low_rank_corrections(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The unpacked tensors with every stored correction added to its matrix (a^T b) and the factors removed."""
+    state = dict(state)
+    for name in [n for n in state if n.endswith(LQER_SUFFIXES[0])]:
+        base = name[:-len(LQER_SUFFIXES[0])]
+        a, b, w = state.pop(name), state.pop(base + LQER_SUFFIXES[1], None), state.get(base)
+        if b is None or w is None or a.size(0) != b.size(0) or (a.size(1), b.size(1)) != tuple(w.shape):
+            raise DataError(f"{source}: tensor {name}: a low-rank correction without its matrix {base} or factor "
+                            f"{base + LQER_SUFFIXES[1]} of matching shape (corrupt)")
+        state[base] = w + a.T @ b
+    return state
 
 
 FP16_MAX = 65504.0
@@ -1887,14 +2011,15 @@ def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Line
     """The Linear layers whose weights are exported as integers, by parameter name."""
     routes = route_parameters(model)
     return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)
-            and export_format(h, routes[f"{name}.weight"], m.weight.numel())[0] == "int"}
+            and export_format(h, routes[f"{name}.weight"], m.weight.numel(), block_of(name))[0] == "int"}
 
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
     """Sum of x x^T over the inputs x of every integer-exported Linear, and with GPTQ_EMBED of the output
     layer (the tied embedding, when it is exported as integers), from training batches, summed over ranks
-    (GPTQ calibration)."""
+    (GPTQ calibration). With GPTQ_EMBED the integer side tables (BigramHash, value embeddings) get the
+    Hessian of their projection instead."""
     hessians, hooks = {}, []
     if h.gptq_embed and export_format(h, "embed", model.tok_emb.weight.numel())[0] == "int":
         H_out = hessians["tok_emb.weight"] = torch.zeros(h.model_dim, h.model_dim, device=rt.device)
@@ -1920,10 +2045,39 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
     finally:
         for hook in hooks:
             hook.remove()
+    if h.gptq_embed:  # a side table's row error e reaches the residual stream as proj e: Hessian proj^T proj
+        tokens = sum(x.numel() for x, _ in batches)
+        for prefix, side in (("bigram", model.bigram), ("value_embed", model.value_embed)):
+            if side is not None and export_format(h, "embed", side.embed.weight.numel())[0] == "int":
+                P = side.proj.weight.detach().float().to(rt.device)
+                # times a row's mean use in calibration, so that fit_to_budget weighs it like the token-summed ones
+                hessians[f"{prefix}.embed.weight"] = P.T @ P * (tokens / side.embed.weight.size(0))
     if rt.distributed:
         for H in hessians.values():
             dist.all_reduce(H)
     return hessians
+
+
+SELF_CALIB_TEMPERATURE = 0.8  # sampling temperature of the 2026-03-25 record's self-generated calibration
+
+
+@torch.no_grad()
+def self_generated_batches(model: GPT, h: Hyperparameters, rt: Runtime) -> list[tuple[Tensor, Tensor]]:
+    """CALIB=self: GPTQ_CALIB_BATCHES batches shaped like this rank's training batches, of text the model
+    samples itself from BOS (temperature SELF_CALIB_TEMPERATURE, seeded by SEED and the rank). No training
+    data is read, so the calibration may run after the training clock."""
+    generator = torch.Generator(device=rt.device).manual_seed(h.seed + rt.rank)
+    batches = []
+    for _ in range(h.gptq_calib_batches):
+        tokens = torch.full((rt.grad_accum_steps * rt.micro_batch_seqs, 1), BOS_ID, dtype=torch.long, device=rt.device)
+        for _ in range(h.train_seq_len):
+            with autocast(rt):
+                logits = model.logits(model.trunk(tokens, tail=1))[:, -1]
+            probs = torch.softmax(logits.float() / SELF_CALIB_TEMPERATURE, dim=-1)
+            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        tokens = tokens.view(rt.grad_accum_steps, rt.micro_batch_seqs, -1)
+        batches.append((tokens[..., :-1], tokens[..., 1:]))
+    return batches
 
 
 @dataclass
@@ -2092,6 +2246,7 @@ def unpack_artifact(container: bytes, source: str = "artifact") -> tuple[dict[st
             state[e["name"]] = dequantize_rows(torch.from_numpy(values.copy()).view(shape), scale)
         else:
             state[e["name"]] = torch.from_numpy(values.astype(np.float32)).view(shape)
+    state = fold_low_rank_corrections(state, source)
     config = header["config"]
     if header["format"] == 1:  # every setting, local paths included: keep the model's
         config = {name: value for name, value in config.items() if name in MODEL_SETTINGS}
@@ -2108,6 +2263,88 @@ def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level).compress(container)
 
 
+FAST_ZSTD_LEVEL = 3  # for estimates; the artifact itself is always compressed at ZSTD_LEVEL
+
+
+def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                       hessians: dict[str, Tensor]) -> list[tuple[float, int, str]]:
+    """The ways to save bytes a whole tensor at a time, each (damage, bytes saved, name): dropping the
+    low-rank correction of `name`, or narrowing the integer matrix `name` (without a correction) by one
+    bit, rounded to nearest at its row max. Damage is the rise of rounding_damage; the bytes are the
+    values and scales compressed alone at FAST_ZSTD_LEVEL."""
+    size = lambda q, scale: len(compress(q.numpy().tobytes() + scale.numpy().tobytes(), FAST_ZSTD_LEVEL))
+    corrected = {n[:-len(LQER_SUFFIXES[0])] for n in quantized if n.endswith(LQER_SUFFIXES[0])}
+    moves = []
+    for name, (q, scale) in quantized.items():
+        if name.endswith(LQER_SUFFIXES):
+            continue
+        w, H = state[name], hessians.get(name)
+        now = rounding_damage(w, q, scale, H)
+        if name in corrected:
+            a, b = (quantized[name + suffix] for suffix in LQER_SUFFIXES)
+            damage = now - rounding_damage(w, q, scale, H, dequantize_rows(*a).T @ dequantize_rows(*b))
+            moves.append((damage, size(*a) + size(*b), name))
+        elif formats[name][1] > 2:
+            narrow = quantize_rows(w, formats[name][1] - 1)
+            moves.append((rounding_damage(w, *narrow, H) - now, size(q, scale) - size(*narrow), name))
+    return [m for m in moves if m[1] > 0]
+
+
+def cheapest_whole_moves(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+                         config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[dict, dict, dict, list[str]]:
+    """FIT_METHOD=cheapest: the whole-tensor moves (whole_tensor_moves) whose damage per byte is below that
+    of zeroing ±1 values, taken in that order while the artifact is over `budget`; fit_to_budget zeroes ±1
+    values for the rest. The ±1 rate: the summed cost of the cheapest ±1 values that close the gap, over
+    the gap, at their mean bytes a value (measured by zeroing them all). Returns the state, formats and
+    integers after the moves, and the moves ("narrowed <name> to intN", "dropped <name>'s correction")."""
+    container = pack_artifact(state, formats, quantized, config)
+    over = len(compress(container)) - budget
+    if over <= 0:
+        return state, formats, quantized, []
+    costs, places = plus_minus_one_costs(state, quantized, hessians)
+    cumulative = torch.cat(costs).sort().values.double().cumsum(0)
+    zeroed = {name: (q.masked_fill(q.abs() == 1, 0), scale) for name, (q, scale) in quantized.items() if not name.endswith(LQER_SUFFIXES)}
+    fast = lambda qz: len(compress(pack_artifact(state, formats, qz, config), FAST_ZSTD_LEVEL))
+    per_value = max(fast(quantized) - fast(quantized | zeroed), 1) / max(len(cumulative), 1)
+    state, formats, quantized, applied = dict(state), dict(formats), dict(quantized), []
+    for damage, saved, name in sorted(whole_tensor_moves(state, formats, quantized, hessians), key=lambda m: m[0] / m[1]):
+        if over <= 0:
+            break
+        needed = math.ceil(over / per_value)
+        rate = float(cumulative[needed - 1]) / over if needed <= len(cumulative) else math.inf
+        if damage / saved >= rate:
+            break
+        if name + LQER_SUFFIXES[0] in quantized:
+            for suffix in LQER_SUFFIXES:
+                del state[name + suffix], formats[name + suffix], quantized[name + suffix]
+            applied.append(f"dropped {name}'s correction")
+        else:
+            bits = formats[name][1] - 1
+            formats[name], quantized[name] = ("int", bits, 1.0), quantize_rows(state[name], bits)
+            applied.append(f"narrowed {name} to int{bits}")
+        over -= saved
+    return state, formats, quantized, applied
+
+
+def plus_minus_one_costs(state: dict[str, Tensor], quantized: dict[str, tuple[Tensor, Tensor]],
+                         hessians: dict[str, Tensor]) -> tuple[list[Tensor], list[tuple[str, Tensor]]]:
+    """The cost of zeroing each quantized ±1 value (the rise in its squared rounding error, weighted by its
+    input's Hessian diagonal where there is one) and where they are: per tensor, the costs and (name, flat indices)."""
+    costs, places = [], []
+    for name, (q, scale) in quantized.items():
+        if name.endswith(LQER_SUFFIXES):  # a correction is dropped whole, not thinned
+            continue
+        w = state[name].float()
+        error_now = (w - dequantize_rows(q, scale)).square()
+        cost = w.square() - error_now
+        if name in hessians:
+            cost = cost * hessians[name].diagonal().cpu()[None, :]
+        ones = (q.abs() == 1).flatten().nonzero().squeeze(1)
+        costs.append(cost.flatten()[ones])
+        places += [(name, ones)]
+    return costs, places
+
+
 def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
                   config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[bytes, int]:
     """The compressed artifact, at most `budget` bytes: if needed, quantized +-1 values are set to 0,
@@ -2117,16 +2354,7 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
     blob = compress(pack_artifact(state, formats, quantized, config))
     if len(blob) <= budget:
         return blob, 0
-    costs, places = [], []
-    for name, (q, scale) in quantized.items():
-        w = state[name].float()
-        error_now = (w - dequantize_rows(q, scale)).square()
-        cost = w.square() - error_now
-        if name in hessians:
-            cost = cost * hessians[name].diagonal().cpu()[None, :]
-        ones = (q.abs() == 1).flatten().nonzero().squeeze(1)
-        costs.append(cost.flatten()[ones])
-        places += [(name, ones)]
+    costs, places = plus_minus_one_costs(state, quantized, hessians)
     order = torch.cat(costs).argsort()
     offsets = np.cumsum([0] + [len(i) for _, i in places])
 
@@ -2141,7 +2369,7 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
                 pruned[name] = (q, pruned[name][1])
         return compress(pack_artifact(state, formats, pruned, config), level)
 
-    fast_level = 3
+    fast_level = FAST_ZSTD_LEVEL
     ratio = len(blob) / len(artifact(0, fast_level))
     lo, hi = 0, len(order)
     while hi - lo > max(1, len(order) // 2000):  # bisect on the fast estimate
@@ -2156,13 +2384,16 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized
     return packed, k
 
 
-def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int]:
-    """Pack, fit to the byte budget, compress and write (temporary name, then rename).
-    Returns (artifact bytes, quantized values zeroed to fit)."""
-    blob, pruned = fit_to_budget(export.state, export.formats, export.quantized, model_settings(h), export.hessians, budget)
+def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int, list[str]]:
+    """Pack, fit to the byte budget (with FIT_METHOD=cheapest, whole-tensor moves first), compress and write
+    (temporary name, then rename). Returns (artifact bytes, quantized values zeroed to fit, whole-tensor moves)."""
+    state, formats, quantized, moves = export.state, export.formats, export.quantized, []
+    if h.fit_method == "cheapest":
+        state, formats, quantized, moves = cheapest_whole_moves(state, formats, quantized, model_settings(h), export.hessians, budget)
+    blob, pruned = fit_to_budget(state, formats, quantized, model_settings(h), export.hessians, budget)
     check_size_cap(len(blob) + CODE_BYTES)  # an artifact over the cap never gets a name
     write_atomic(path, blob)
-    return len(blob), pruned
+    return len(blob), pruned, moves
 
 
 def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
@@ -2624,10 +2855,28 @@ def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runti
     training budget."""
     routes = route_parameters(model)
     state = {name: t.detach().float() for name, t in model.state_dict().items()}
-    formats = {name: export_format(h, routes[name], t.numel()) for name, t in state.items()}
+    formats = {name: export_format(h, routes[name], t.numel(), block_of(name)) for name, t in state.items()}
     hessians = collect_hessians(model, batches, h, rt) if h.quant_method == "gptq" else {}
     quantized = quantize_state(state, formats, h, hessians)
-    return Export({name: t.cpu() for name, t in state.items()}, formats, quantized, hessians)
+    state = {name: t.cpu() for name, t in state.items()}
+    if h.lqer_rank:
+        matrices = [name for name in quantized if ROUTES[routes[name]][1] in ("attn", "mlp")]
+        state, formats, quantized = with_low_rank_corrections(state, formats, quantized, hessians, matrices, h)
+    return Export(state, formats, quantized, hessians)
+
+
+def self_calibrated_export(model: GPT, h: Hyperparameters, rt: Runtime, log: RunLog) -> Export:
+    """CALIB=self: quantize_for_export calibrated on self-generated text, after the clock; its time is
+    logged as evaluation-side work."""
+    t = time.perf_counter()
+    batches = self_generated_batches(model, h, rt)
+    synchronize(rt)
+    generation_ms = 1000 * (time.perf_counter() - t)
+    export = quantize_for_export(model, batches, h, rt)
+    synchronize(rt)
+    log(f"self_calibration: {sum(x.numel() for x, _ in batches)} generated tokens a rank, generation:{generation_ms:.0f}ms "
+        f"quantization:{1000 * (time.perf_counter() - t) - generation_ms:.0f}ms after the clock (evaluation-side: no training data)")
+    return export
 
 
 def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> Export:
@@ -2636,7 +2885,8 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     orthogonalize = torch.compile(newton_schulz, dynamic=False, fullgraph=True) if rt.compile else newton_schulz
     loader = TrainLoader(h, rt)
-    calibration_batches = h.gptq_calib_batches if h.quant_method == "gptq" else 0
+    calibration_batches = h.gptq_calib_batches if h.quant_method == "gptq" and h.calib == "train" else 0
+    after_clock = h.calib == "self"  # the quantization reads no training data: not charged, nothing reserved
 
     def timed_quantization() -> tuple[tuple, float]:
         """quantize_for_export on the next calibration batches, and its milliseconds (reading the batches
@@ -2661,7 +2911,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     set_recurrence(model, True)
     evaluator.prime()
     synchronize(rt)
-    (_, cold_ms), (_, warm_ms) = timed_quantization(), timed_quantization()
+    (_, cold_ms), (_, warm_ms) = ((0.0, 0.0), (0.0, 0.0)) if after_clock else (timed_quantization(), timed_quantization())
     # One loop cap for all ranks, so that they stop after the same step: the slowest rank's time.
     reserve_ms = rank_max(min(cold_ms, RESERVE_FACTOR * warm_ms), rt)
     cap_ms = 1000.0 * h.max_wallclock_seconds
@@ -2671,8 +2921,9 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     model.load_state_dict(initial)
     set_recurrence(model, not recur_delayed)
     loader = TrainLoader(h, rt)
-    log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and two export quantizations "
-        f"(cold:{cold_ms:.0f}ms warm:{warm_ms:.0f}ms reserved:{reserve_ms:.0f}ms) in "
+    quantizations = ("no export quantization (CALIB=self: it runs after the clock, reserved:0ms)" if after_clock else
+                     f"two export quantizations (cold:{cold_ms:.0f}ms warm:{warm_ms:.0f}ms reserved:{reserve_ms:.0f}ms)")
+    log(f"warmup: {h.warmup_steps} priming steps, the scoring graphs and {quantizations} in "
         f"{time.perf_counter() - t0:.1f}s; weights, optimiser state and data stream restored")
 
     opt = Optimizers(model, routes, h, rt, orthogonalize)
@@ -2753,7 +3004,10 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     set_late_qat(model, False)
     set_recurrence(model, True)
 
-    export, quantization_ms = timed_quantization()
+    if after_clock:
+        export, quantization_ms = self_calibrated_export(model, h, rt, log), 0.0
+    else:
+        export, quantization_ms = timed_quantization()
     check_storable(export.state, export.formats, export.quantized)  # every rank holds the same weights: all stop together
     total_ms = rank_max(training_ms + quantization_ms, rt)  # the slowest rank's: every rank passes or fails together
     log(f"training_budget: train_time:{training_ms:.0f}ms quantization:{quantization_ms:.0f}ms "
@@ -2777,8 +3031,9 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
     log(f"post_average_prequant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
-    _, zeroed = on_master(rt, lambda: export_artifact(export, h, artifact_path, h.target_bytes - CODE_BYTES))
-    log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantized +-1 values zeroed to fit TARGET_BYTES={h.target_bytes})")
+    _, zeroed, moves = on_master(rt, lambda: export_artifact(export, h, artifact_path, h.target_bytes - CODE_BYTES))
+    log(f"artifact: {artifact_path} ({h.quant_method}; {zeroed} quantized +-1 values zeroed to fit TARGET_BYTES={h.target_bytes}"
+        + "".join(f"; {move}" for move in moves) + ")")
     score_artifact(artifact_path, model, evaluator, h, log)
 
 

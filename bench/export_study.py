@@ -1,5 +1,6 @@
 """Export study (bench/RESULTS.md, "The export"): the normal run of train_gpt.py with its settings from the environment, then the
-same post-average checkpoint exported with GPTQ-lite and round to nearest; bytes and sliding-window quantization gaps.
+same post-average checkpoint exported with GPTQ-lite, round to nearest and the export settings of docs/EXPORT.md;
+bytes and sliding-window quantization gaps.
 
     DATA_PATH=... TOKENIZER_PATH=... <proxy settings> python3 bench/export_study.py
 """
@@ -18,17 +19,35 @@ def variants(log_, evaluator, h_):
     final_scores(log_, evaluator, h_)
     h, log, model, ev, routes = seen["h"], seen["log"], seen["model"], seen["evaluator"], seen["routes"]
     export = seen["export"]
-    state, formats, hessians = export.state, export.formats, export.hessians
+    state, formats, hessians = {k: v.clone() for k, v in export.state.items()}, export.formats, export.hessians  # on the CPU the state shares the model's storage, which each variant reloads
     code = tg.CODE_BYTES
-    for method in ("gptq_lite", "rtn"):
-        hm = dataclasses.replace(h, quant_method=method)
-        t0 = time.time(); q = tg.quantize_state({k: v.cuda() for k, v in state.items()}, formats, hm, hessians); tq = time.time() - t0
-        blob, zeroed = tg.fit_to_budget(state, formats, q, tg.model_settings(hm), hessians, h.target_bytes - code)
+    device = "cuda" if tg.torch.cuda.is_available() else "cpu"
+    # The export settings of docs/EXPORT.md, each on the same checkpoint and Hessians (GPTQ_EMBED variants
+    # need a run with GPTQ_EMBED=1, whose Hessians include the embeddings').
+    study = [dict(quant_method="gptq_lite"), dict(quant_method="rtn"), dict(clip="std"), dict(lqer_rank=4),
+             dict(embed_bits=7), dict(embed_bits=6), dict(clip="std", lqer_rank=4, embed_bits=7),
+             dict(fit_method="cheapest", lqer_rank=4)]
+    if "tok_emb.weight" in hessians:
+        study += [dict(gptq_embed=True, embed_bits=7), dict(gptq_embed=True, embed_bits=6, clip="std", lqer_rank=4)]
+    for settings in study:
+        hm = dataclasses.replace(h, **settings)
+        hm.validate()
+        label = " ".join(f"{k.upper()}={v}" for k, v in settings.items())
+        t0 = time.time()
+        f = {name: tg.export_format(hm, routes[name], t.numel(), tg.block_of(name)) for name, t in state.items()}
+        q = tg.quantize_state({k: v.to(device) for k, v in state.items()}, f, hm, hessians)
+        s, f, q = (state, f, q) if not hm.lqer_rank else tg.with_low_rank_corrections(
+            state, f, q, hessians, [n for n in q if tg.ROUTES[routes[n]][1] in ("attn", "mlp")], hm)
+        tq = time.time() - t0
+        moves = []
+        if hm.fit_method == "cheapest":
+            s, f, q, moves = tg.cheapest_whole_moves(s, f, q, tg.model_settings(hm), hessians, h.target_bytes - code)
+        blob, zeroed = tg.fit_to_budget(s, f, q, tg.model_settings(hm), hessians, h.target_bytes - code)
         loaded, _ = tg.unpack_artifact(tg.zstandard.ZstdDecompressor().decompress(blob))
         model.load_state_dict(loaded)
         _, flat, _ = ev.score(False)
         _, slide, _ = ev.score(True)
-        log(f"study {method} int{h.attn_bits}/{h.mlp_bits}: artifact:{len(blob)} total:{len(blob) + code} zeroed:{zeroed} "
+        log(f"study {label} int{h.attn_bits}/{h.mlp_bits}: artifact:{len(blob)} total:{len(blob) + code} zeroed:{zeroed} moves:{len(moves)} "
             f"quantize_s:{tq:.1f} roundtrip_nonoverlap_bpb:{flat:.5f} roundtrip_sliding_bpb:{slide:.5f} gap_sliding:{slide - seen['pre']:+.5f}")
 tg.train, tg.log_final_scores = capture_train, variants
 tg.main()
