@@ -2,9 +2,11 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import gloo_ranks
@@ -122,3 +124,144 @@ def test_step_records_come_back_in_order_as_rank_means():
     assert records.take() == [2.5, 10.0]
     first, second = records.take()
     assert math.isnan(first) and second == 20.0 and records.take() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimiser and schedule variants (docs/OPTIM.md): MUON_ROW_NORM, MUON_NS=polar, MIN_LR, WD_TAPER,
+# TRAIN_SEQ_SCHEDULE, each against a direct computation of its effect
+# ---------------------------------------------------------------------------------------------
+
+def optimal_quintic(lo, hi):
+    """The odd quintic p(x) = a x + b x^3 + c x^5 with the least max |1 - p(x)| on [lo, hi], and that error E,
+    by Remez exchange: the optimum equioscillates at lo, its two interior extremes q < r and hi, where
+    p = 1 - E, 1 + E, 1 - E, 1 + E. Each round solves for (a, b, c, E) on the four points, then moves q and r
+    to the roots of p'(x) = a + 3b x^2 + 5c x^4 (a quadratic in x^2)."""
+    q, r = lo + 0.3 * (hi - lo), lo + 0.8 * (hi - lo)
+    for _ in range(60):
+        x = np.array([lo, q, r, hi])
+        a, b, c, error = np.linalg.solve(np.stack([x, x**3, x**5, np.array([1.0, -1.0, 1.0, -1.0])], 1), np.ones(4))
+        root = math.sqrt(9 * b * b - 20 * a * c)
+        q, r = sorted(math.sqrt((-3 * b + sign * root) / (10 * c)) for sign in (-1.0, 1.0))
+    return (a, b, c), error
+
+
+def quintic(coefficients, x):
+    a, b, c = coefficients
+    return a * x + b * x**3 + c * x**5
+
+
+def polar_express_polynomials(n, lower=1e-3):
+    """The paper's construction (Amsel et al. 2025, arXiv:2505.16932), done here from scratch: the singular
+    values start in [lower, 1]; each polynomial is the minimax quintic on [max(l, cushion * u), u], rescaled so
+    that p(l) + p(u) = 2, after which they lie in [p(l), 2 - p(l)]. The cushion is the lowest bottom of an
+    interval [c, 1] whose minimax quintic leaves the spread (1 + E) / (1 - E) at most 10 (it keeps the first
+    polynomials from being too steep to survive bf16)."""
+    low, high = lower, 0.5
+    for _ in range(80):  # bisection: the spread falls as the interval's bottom rises
+        mid = (low + high) / 2
+        error = optimal_quintic(mid, 1.0)[1]
+        low, high = (mid, high) if (1 + error) / (1 - error) > 10 else (low, mid)
+    cushion = (low + high) / 2
+    l, u, polynomials = lower, 1.0, []
+    for _ in range(n):
+        p, _ = optimal_quintic(max(l, cushion * u), u)
+        scale = 2 / (quintic(p, l) + quintic(p, u))
+        p = tuple(scale * k for k in p)
+        polynomials.append(p)
+        l = quintic(p, l)
+        u = 2 - l
+    return cushion, polynomials, l
+
+
+def test_polar_express_coefficients_are_the_papers_construction():
+    cushion, derived, last_l = polar_express_polynomials(len(tg.POLAR_EXPRESS))
+    assert cushion == pytest.approx(0.0240733, abs=1e-7)  # the paper's constant, found here by its defining condition
+    for stored, expected in zip(tg.POLAR_EXPRESS, derived, strict=True):
+        assert stored == pytest.approx(expected, rel=1e-8)
+    assert 1 - last_l < 1e-8  # after the table the interval is [1 - 1e-8, 1 + 1e-8]: the limit polynomial takes over
+    limit = tg.POLAR_EXPRESS_LIMIT  # p(1) = 1, p'(1) = 0, p''(1) = 0: the quintic that fixes 1 to third order
+    a, b, c = limit
+    assert (a + b + c, a + 3 * b + 5 * c, 6 * b + 20 * c) == (1.0, 0.0, 0.0)
+    # MUON_NS=polar applies the derived polynomials at x / 1.01 (the paper's safety margin), then the limit one.
+    used = tg.ns_coefficients("polar", len(derived) + 2)
+    x = np.linspace(0.0, 1.2, 13)
+    for p_used, p_derived in zip(used, derived):
+        np.testing.assert_allclose(quintic(p_used, x), quintic(p_derived, x / 1.01), rtol=1e-8, atol=1e-12)
+    assert used[len(derived):] == [limit, limit]
+    assert tg.ns_coefficients("ns5", 3) == [tg.NS_COEFFS] * 3
+
+
+def test_polar_express_maps_each_singular_value_through_its_polynomials():
+    """newton_schulz(g, k, "polar") = U P(S) V^T: each singular value, scaled as the iteration scales it (by the
+    Frobenius norm times 1.01), through the composition of the first k polynomials (up to bf16 arithmetic)."""
+    torch.manual_seed(0)
+    m, n, steps = 48, 96, 3
+    U = torch.linalg.qr(torch.randn(2, m, m, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(2, n, m, dtype=torch.float64))[0]
+    sigma = torch.logspace(0, -2.5, m, dtype=torch.float64)  # a spread of 300: far from orthogonal
+    g = U @ torch.diag_embed(sigma.expand(2, m)) @ V.mT
+
+    def composed(method, safety):
+        s = sigma / (sigma.norm() * safety)
+        for p in tg.ns_coefficients(method, steps):
+            s = quintic(p, s)
+        return s
+    out = tg.newton_schulz(g.float(), steps, "polar").double()
+    on_each = torch.diagonal(U.mT @ out @ V, dim1=-2, dim2=-1)  # what became of each singular direction
+    assert (on_each - composed("polar", 1.01)).abs().max() < 0.15
+    assert (on_each - composed("ns5", 1.0)).abs().max() > 0.5  # the check can tell the two methods apart
+    # At the top of the interval the first polynomial is steep (p'(1) = 24): a rank-one matrix, whose singular
+    # value the iteration scales to 1/1.01, shows both safety margins (without them p1(1) = 1.76).
+    u, v = F.normalize(torch.randn(3, m, 1, dtype=torch.float64), dim=1), F.normalize(torch.randn(3, n, 1, dtype=torch.float64), dim=1)
+    out = tg.newton_schulz((7.0 * u @ v.mT).float(), 1, "polar").double()
+    expected = quintic(tg.POLAR_EXPRESS[0], 1 / 1.01 / 1.01)
+    torch.testing.assert_close(out, expected * u @ v.mT, rtol=0, atol=0.05 * expected / math.sqrt(m))
+
+
+@pytest.mark.parametrize("shape", [(48, 128), (128, 48)])  # the iteration transposes tall matrices: rows stay rows
+def test_row_norm_gives_every_row_unit_norm_before_the_iteration(shape):
+    torch.manual_seed(1)
+    g = torch.randn(3, *shape) * torch.logspace(-3, 1, shape[0])[:, None]  # rows of very different norms
+    g[1, 5] = 0.0  # a zero row (as in a bucket's padding) stays zero
+    norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    unit = torch.where(norms > 0, g / norms, 0.0)
+    out = tg.newton_schulz(g, 5, row_norm=True)
+    torch.testing.assert_close(out, tg.newton_schulz(unit, 5), rtol=0, atol=2e-2)
+    assert torch.isfinite(out).all() and (out[1, 5] == 0).all()
+    # Hence the update ignores each row's scale, which plain Muon does not.
+    rescaled = g * torch.logspace(2, -2, shape[0])[:, None]
+    torch.testing.assert_close(tg.newton_schulz(rescaled, 5, row_norm=True), out, rtol=0, atol=2e-2)
+    assert (tg.newton_schulz(rescaled, 5) - tg.newton_schulz(g, 5)).abs().max() > 0.1
+
+
+def test_muon_step_uses_the_chosen_orthogonalisation_and_the_tapered_decay():
+    h = tiny_h(num_layers=2, grad_clip_norm=0.0, muon_wd=0.5, matrix_lr=0.1, muon_row_norm=True, muon_ns="polar")
+    model = tg.build_model(h)
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
+    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, tg.newton_schulz)
+    w = model.blocks[0].mlp.fc.weight  # (192, 64): update scaled by sqrt(192 / 64)
+    before = w.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grad = w.grad.clone()
+    opt.step(lr_scale=0.5, momentum=0.0, wd_scale=0.3)
+    lr = 0.1 * 0.5
+    expected = before * (1 - lr * 0.5 * 0.3) - lr * (tg.newton_schulz(grad[None], 5, "polar", True) * 3 ** 0.5)[0].float()
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_helpers():
+    h = tg.Hyperparameters(iterations=100, warmdown_iters=20, min_lr=0.25)  # the floor holds the warm-down's end
+    assert [tg.lr_scale_at(h, s, 0, 0) for s in (0, 80, 90, 95, 100)] == [1.0, 1.0, 0.5, 0.25, 0.25]
+    assert tg.lr_scale_at(h, 60, 9000.0, 10000.0) == pytest.approx(1000 / 3000)  # under a time cap: 1 s left of a 3 s warm-down
+    assert tg.lr_scale_at(h, 60, 9600.0, 10000.0) == 0.25  # 0.4 s left of 3.2 s, floored
+    h = tg.Hyperparameters(iterations=100)
+    assert [tg.training_fraction(h, s, 0.0, 0.0) for s in (0, 30, 100, 120)] == [0.0, 0.3, 1.0, 1.0]
+    assert tg.training_fraction(h, 30, 5000.0, 10000.0) == 0.5  # the time, when it is further than the steps
+    assert tg.training_fraction(h, 70, 5000.0, 10000.0) == 0.7
+    h = tg.Hyperparameters(wd_taper="0.5@0.7")
+    assert [tg.wd_scale_at(h, f) for f in (0.0, 0.7, 0.85, 1.0)] == pytest.approx([1.0, 1.0, 0.75, 0.5])
+    assert tg.wd_scale_at(tg.Hyperparameters(), 0.9) == 1.0
+    h = tg.Hyperparameters(train_seq_len=3072, train_seq_schedule="1024@0,2048@0.3,3072@0.7")
+    assert [tg.train_seq_len_at(h, f) for f in (0.0, 0.29, 0.3, 0.69, 0.7, 1.0)] == [1024, 1024, 2048, 2048, 3072, 3072]
+    assert tg.train_seq_len_at(tg.Hyperparameters(), 0.9) == 2048
