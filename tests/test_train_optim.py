@@ -265,3 +265,124 @@ def test_schedule_helpers():
     h = tg.Hyperparameters(train_seq_len=3072, train_seq_schedule="1024@0,2048@0.3,3072@0.7")
     assert [tg.train_seq_len_at(h, f) for f in (0.0, 0.29, 0.3, 0.69, 0.7, 1.0)] == [1024, 1024, 2048, 2048, 3072, 3072]
     assert tg.train_seq_len_at(tg.Hyperparameters(), 0.9) == 2048
+
+
+class StubEvaluator:
+    """train() only asks it to prime and to score (the validation lines of the log)."""
+
+    def prime(self):
+        return 0.0
+
+    def score(self, sliding):
+        return 0.0, 0.0, 0.0
+
+
+def train_recording(tmp_path, **kw):
+    """tg.train on the CPU (12 steps of 128 tokens, 3 priming steps), recording the token rows of every
+    forward and the (lr_scale, momentum, wd_scale) of every optimiser step; returns them and the log."""
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 96, 8192))
+    h = tiny_h(num_layers=2, data_path=str(tmp_path), train_seq_len=32, eval_seq_len=32, eval_stride=16,
+               train_batch_tokens=128, grad_accum_steps=1, iterations=12, warmup_steps=3, warmdown_iters=10,
+               max_wallclock_seconds=0.0, val_loss_every=0, train_log_every=100, quant_method="rtn", compile="0",
+               attn_backend="sdpa", mlp_kernel="torch", qk_kernel="torch", xsa_kernel="torch", **kw)
+    h.validate()
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=4, compile=False)
+    model = tg.build_model(h)
+    rows, steps, log = [], [], []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].clone()))
+    step = tg.Optimizers.step
+
+    def recording_step(self, lr_scale, momentum, wd_scale=1.0):
+        steps.append((lr_scale, momentum, wd_scale))
+        step(self, lr_scale, momentum, wd_scale)
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(tg.Optimizers, "step", recording_step)
+        tg.train(model, tg.route_parameters(model), StubEvaluator(), h, rt, log.append)
+    return h, rows, steps, log
+
+
+def test_train_follows_the_length_schedule_the_lr_floor_and_the_wd_taper(tmp_path):
+    h, rows, steps, log = train_recording(tmp_path / "scheduled", train_seq_schedule="16@0,32@0.5",
+                                          min_lr=0.35, wd_taper="0.4@0.25")
+    n = h.iterations
+    # The priming steps run each length in turn (so that each is compiled before the clock), at LR scale 1.
+    assert [r.shape for r in rows[:3]] == [(8, 16), (8, 16), (4, 32)]
+    assert steps[:3] == [(1.0, h.muon_momentum_warmup_start, 1.0)] * 3
+    # Training step s (0-based) starts at fraction s / n (no time cap): rows of 16 before 0.5, then of 32.
+    assert [r.shape[1] for r in rows[3:]] == [16 if s / n < 0.5 else 32 for s in range(n)]
+    assert "train_seq_len: 32 from step:6 fraction:0.5000" in log
+    for s, (lr_scale, momentum, wd_scale) in enumerate(steps[3:]):
+        assert lr_scale == pytest.approx(max(min((n - s) / h.warmdown_iters, 1.0), 0.35))
+        assert momentum == pytest.approx(tg.muon_momentum_at(h, s))
+        assert wd_scale == pytest.approx(1.0 - 0.6 * max(s / n - 0.25, 0.0) / 0.75)
+    assert min(lr for lr, _, _ in steps) == 0.35 and min(wd for _, _, wd in steps) < 0.5  # both took effect
+    # Tokens per step are fixed: the same tokens as without a schedule, cut into other rows.
+    _, plain_rows, plain_steps, _ = train_recording(tmp_path / "plain")
+    assert len(plain_rows) == len(rows) and all(r.shape == (4, 32) for r in plain_rows)
+    for scheduled, plain in zip(rows, plain_rows):
+        assert torch.equal(scheduled.flatten(), plain.flatten())
+    assert [lr for lr, _, _ in plain_steps[3:]] == [min((n - s) / h.warmdown_iters, 1.0) for s in range(n)]
+    assert all(wd == 1.0 for _, _, wd in plain_steps)
+
+
+# Through the script: each variant changes the final score of the tiny run, and its artifact re-scores to the
+# same final lines (none of them is stored: they change how the weights are trained, not the model).
+FINAL_EXACT = ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact")
+
+
+def final_lines(text):
+    return [line for line in text.splitlines() if line.startswith(FINAL_EXACT)]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tiny_corpus):
+    from conftest import run_script
+    result = run_script(tmp_path_factory.mktemp("plain"), tiny_corpus, RUN_ID="plain")
+    assert result.returncode == 0, result.stderr
+    return final_lines(result.stdout)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(MUON_ROW_NORM="1"), dict(MUON_NS="polar"), dict(MIN_LR="0.3"), dict(WD_TAPER="0.5@0.5"),
+    dict(TRAIN_SEQ_SCHEDULE="32@0,64@0.5"),
+], ids=lambda s: "_".join(s))
+def test_each_variant_changes_the_tiny_run_and_its_artifact_rescores(run, plain_run, settings):
+    result = run(RUN_ID="variant", **settings)
+    assert result.returncode == 0, result.stderr
+    lines = final_lines(result.stdout)
+    assert len(lines) == 2 and len(plain_run) == 2
+    assert all(a != b for a, b in zip(lines, plain_run)), (lines, plain_run)
+    rescored = run(RUN_ID="rescored", EVAL_ARTIFACT="logs/variant.model.zst")
+    assert rescored.returncode == 0, rescored.stderr
+    assert final_lines(rescored.stdout) == lines
+
+
+@pytest.mark.parametrize("settings, text", [
+    (dict(MUON_NS="newton"), "MUON_NS='newton': expected one of ns5, polar"),
+    (dict(MIN_LR="1"), "MIN_LR=1.0: expected 0 <= value < 1"),
+    (dict(MIN_LR="0.2", WARMDOWN_ITERS="0"), "MIN_LR=0.2: expected 0 without a warm-down"),
+    (dict(MIN_LR="0.5", WEIGHT_AVG="swa", SWA_THRESHOLD="0.5"), "SWA_THRESHOLD=0.5: expected above MIN_LR=0.5"),
+    (dict(MIN_LR="0.2", LATE_QAT_THRESHOLD="0.15"), "LATE_QAT_THRESHOLD=0.15: expected 0 (off) or above MIN_LR=0.2"),
+    (dict(WD_TAPER="0.5"), "WD_TAPER='0.5': expected MULT@START, e.g. 0.5@0.7"),
+    (dict(WD_TAPER="1@0.7"), "expected a multiplier MULT in 0..1"),
+    (dict(WD_TAPER="0.5@1"), "expected a start START in 0..1"),
+    (dict(WD_TAPER="-0.5@0.7"), "expected MULT@START"),
+    (dict(WD_TAPER="0.5@0.7", MUON_WD="0"), "MUON_WD=0, there is no weight decay to taper"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0;64@0.5"), "expected LEN@FRACTION entries separated by commas"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0,64@1e-1"), "expected LEN@FRACTION entries"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0.1,64@0.5"), "expected a first entry at fraction 0"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0,48@0.5,64@0.4"), "fractions that increase from 0 and stay below 1"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0,64@1"), "fractions that increase from 0 and stay below 1"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0,32@0.5,64@0.7"), "each entry changing it"),
+    (dict(TRAIN_SEQ_SCHEDULE="0@0,64@0.5"), "lengths of at least 1"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0,48@0.5"), "its last length to be TRAIN_SEQ_LEN=64"),
+    (dict(TRAIN_SEQ_SCHEDULE="32@0,128@0.3,64@0.5"), "and none longer"),
+    (dict(TRAIN_SEQ_SCHEDULE=",".join(f"{n}@{i / 10}" for i, n in enumerate(range(1, 10))) + ",64@0.95"), "at most 8 entries"),
+    (dict(TRAIN_SEQ_SCHEDULE="16@0,32@0.3,64@0.6", WARMUP_STEPS="2"), "WARMUP_STEPS=2: expected at least 3"),
+    (dict(TRAIN_SEQ_SCHEDULE="48@0,64@0.5"), "length 48 does not divide TRAIN_BATCH_TOKENS=1024"),
+])
+def test_bad_variant_settings_stop_in_one_line(run, settings, text):
+    from test_train_settings import assert_one_line_error
+    result = run(RUN_ID="bad", **settings)
+    assert_one_line_error(result, text)
+    assert not (run.cwd / "logs").exists()
