@@ -327,7 +327,7 @@ def test_train_follows_the_length_schedule_the_lr_floor_and_the_wd_taper(tmp_pat
 
 # Through the script: each variant changes the final score of the tiny run, and its artifact re-scores to the
 # same final lines (none of them is stored: they change how the weights are trained, not the model).
-FINAL_EXACT = ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact")
+FINAL_EXACT = ("final_quant_roundtrip_exact", "final_quant_sliding_window_exact")
 
 
 def final_lines(text):
