@@ -109,6 +109,13 @@ class Hyperparameters:
     beta2: float = 0.95              # AdamW
     adam_eps: float = 1e-8           # AdamW
 
+    # ---- optimiser and schedule variants (docs/OPTIM.md)
+    muon_row_norm: bool = False      # MuonEq-R: unit rows before Newton-Schulz
+    muon_ns: str = "ns5"             # ns5 (one quintic) | polar (Polar Express)
+    min_lr: float = 0.0              # floor of the LR scale; 0 = none
+    wd_taper: str = ""               # MULT@START: Muon WD x1 -> xMULT, e.g. 0.5@0.7
+    train_seq_schedule: str = ""     # LEN@FRACTION,...: e.g. 1024@0,2048@0.3,3072@0.7
+
     # ---- weight averaging and late QAT
     weight_avg: str = "ema"          # ema | swa | none: what is loaded before export
     ema_decay: float = 0.997         # shadow <- decay * shadow + (1 - decay) * weights, every step
@@ -234,6 +241,24 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_batch_seqs", "train_log_every",
                      "gptq_calib_batches", "target_bytes", "lqer_tensors"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)}: expected a positive number")
+        # The optimiser and schedule variants: a floor the thresholds could never pass, a taper of nothing, and a
+        # schedule whose lengths are not all compiled before the clock make no sense.
+        need(self.muon_ns in ("ns5", "polar"), f"MUON_NS={self.muon_ns!r}: expected one of ns5, polar")
+        if self.min_lr > 0:
+            need(self.warmdown_iters > 0, f"MIN_LR={self.min_lr}: expected 0 without a warm-down (WARMDOWN_ITERS=0: the LR scale is always 1)")
+            need(self.weight_avg != "swa" or self.swa_threshold > self.min_lr,
+                 f"SWA_THRESHOLD={self.swa_threshold}: expected above MIN_LR={self.min_lr}, the lowest LR scale (no snapshot would be taken)")
+            need(self.late_qat_threshold == 0 or self.late_qat_threshold > self.min_lr,
+                 f"LATE_QAT_THRESHOLD={self.late_qat_threshold}: expected 0 (off) or above MIN_LR={self.min_lr}, the lowest LR scale (QAT would never start)")
+        if self.wd_taper_schedule() is not None:
+            need(self.muon_wd > 0, f"WD_TAPER={self.wd_taper!r}: MUON_WD=0, there is no weight decay to taper")
+        lengths = {length for _, length in self.seq_schedule()}
+        need(not self.train_seq_schedule.strip() or self.warmup_steps >= len(lengths),
+             f"WARMUP_STEPS={self.warmup_steps}: expected at least {len(lengths)} with TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r} "
+             "(a priming step per length, so that each is compiled before the clock)")
+        need(not self.train_seq_schedule.strip() or self.recur_start == 0 or self.warmup_steps >= 2 * len(lengths) or self.compile == "0",
+             f"WARMUP_STEPS={self.warmup_steps}: expected at least {2 * len(lengths)} with TRAIN_SEQ_SCHEDULE and RECUR_START > 0 "
+             "(a priming step per length, with and without the repeats)")
 
     @property
     def head_dim(self) -> int:
@@ -263,6 +288,45 @@ class Hyperparameters:
         except ValueError:
             raise ConfigError(f"RECUR_LAYERS={self.recur_layers!r}: expected comma-separated block numbers, e.g. 4,5") from None
 
+    def wd_taper_schedule(self) -> tuple[float, float] | None:
+        """WD_TAPER as (multiplier at the end, start fraction of the training time); None when empty."""
+        if not self.wd_taper.strip():
+            return None
+        shown = f"WD_TAPER={self.wd_taper!r}"
+        parts = re.fullmatch(rf"\s*({FRACTION_PATTERN})@({FRACTION_PATTERN})\s*", self.wd_taper)
+        if parts is None:
+            raise ConfigError(f"{shown}: expected MULT@START, e.g. 0.5@0.7 (Muon weight decay falls linearly from 1x at START, "
+                              "a fraction of the training time, to MULT x at its end)")
+        mult, start = float(parts[1]), float(parts[2])
+        if not mult < 1:
+            raise ConfigError(f"{shown}: expected a multiplier MULT in 0..1 (below 1: 1 would change nothing)")
+        if not start < 1:
+            raise ConfigError(f"{shown}: expected a start START in 0..1 (a fraction of the training time, below 1)")
+        return mult, start
+
+    def seq_schedule(self) -> list[tuple[float, int]]:
+        """TRAIN_SEQ_SCHEDULE as (start fraction, length) pairs in order; [(0.0, TRAIN_SEQ_LEN)] when empty."""
+        text = self.train_seq_schedule
+        if not text.strip():
+            return [(0.0, self.train_seq_len)]
+
+        def need(ok: bool, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"TRAIN_SEQ_SCHEDULE={text!r}: expected {expected}")
+        entries = []
+        for item in text.split(","):
+            parts = re.fullmatch(rf"\s*(\d+)@({FRACTION_PATTERN})\s*", item)
+            need(parts is not None, "LEN@FRACTION entries separated by commas, e.g. 1024@0,2048@0.3,3072@0.7")
+            entries.append((float(parts[2]), int(parts[1])))
+        starts, lengths = [f for f, _ in entries], [n for _, n in entries]
+        need(len(entries) <= MAX_SEQ_LENGTHS, f"at most {MAX_SEQ_LENGTHS} entries (each length is a compiled graph)")
+        need(starts[0] == 0, "a first entry at fraction 0 (the length training starts with)")
+        need(all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < 1, "fractions that increase from 0 and stay below 1")
+        need(min(lengths) >= 1 and all(a != b for a, b in zip(lengths, lengths[1:])), "lengths of at least 1, each entry changing it")
+        need(lengths[-1] == self.train_seq_len and max(lengths) <= self.train_seq_len,
+             f"its last length to be TRAIN_SEQ_LEN={self.train_seq_len} (the length training ends with) and none longer")
+        return entries
+
 
 # The range of every number (validate() checks these first, then the relations between settings;
 # every float must also be finite). Each refusal reads `NAME=value: expected <text>`.
@@ -281,7 +345,13 @@ SETTING_RANGES = (
     (("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"), lambda v: 0 <= v < 1, "0 <= value < 1"),
     (("swa_threshold", "late_qat_threshold"), lambda v: 0 <= v <= 1, "0 <= value <= 1 (an LR scale)"),
     (("recur_start",), lambda v: 0 <= v < 1, "0 <= value < 1 (a fraction of the training time)"),
+    (("min_lr",), lambda v: 0 <= v < 1, "0 <= value < 1 (an LR scale; 0 = no floor)"),
 )
+# WD_TAPER's and TRAIN_SEQ_SCHEDULE's fractions of the training time (and WD_TAPER's multiplier): plain decimals,
+# no sign or exponent. A schedule has at most MAX_SEQ_LENGTHS entries: each length is a compiled training graph,
+# and torch.compile keeps 8 graphs of a function before it falls back to eager.
+FRACTION_PATTERN = r"\d*\.?\d+"
+MAX_SEQ_LENGTHS = 8
 
 
 class RunError(Exception):
@@ -307,6 +377,8 @@ RETIRED_SETTINGS = {
     "LEAKY_RELU": "use MLP_ACT=leaky_relu2",
     "VE_ENABLED": "use VE_LAYERS (e.g. VE_LAYERS=9,10; empty = off)",
     "LN_SCALE_ENABLED": "use LN_SCALE",
+    "WD_TAPER_START_FRAC": "use WD_TAPER=MULT@START (WD_TAPER_FINAL_MULT=0.5 WD_TAPER_START_FRAC=0.7 is WD_TAPER=0.5@0.7)",
+    "WD_TAPER_FINAL_MULT": "use WD_TAPER=MULT@START (WD_TAPER_FINAL_MULT=0.5 WD_TAPER_START_FRAC=0.7 is WD_TAPER=0.5@0.7)",
 }
 # Families of record-script settings for features this script does not have.
 RETIRED_PREFIXES = {
@@ -337,8 +409,8 @@ ALIASES = {name: hint for names, hint in (
 # alone they do not make a name a setting's.
 COMMON_WORDS = frozenset({
     "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
-    "MAX", "METHOD", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RANK", "RUN", "SCALE", "SECONDS", "SIZE", "START",
-    "STD", "STEPS", "TARGET"})
+    "MAX", "METHOD", "MIN", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RANK", "RUN", "SCALE", "SECONDS", "SIZE",
+    "START", "STD", "STEPS", "TARGET"})
 # First words of other programs' variables: never read, never refused (also any first word PYTHON...).
 FOREIGN_PREFIXES = frozenset({
     "APPTAINER", "AWS", "AZ", "AZURE", "AZUREML", "BUILDKITE", "BUILDKIT", "CARGO", "CI", "CLOUDSDK", "COMPOSE",
@@ -1597,16 +1669,50 @@ def set_late_qat(model: nn.Module, on: bool) -> int:
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz iteration of Muon (modded-nanogpt)
 
+# MUON_NS=polar: Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932), an odd quintic per
+# iteration, each the minimax approximation of 1 on the interval the iterations before leave the singular
+# values in (from [1e-3, 1]), so that the small ones grow as fast as possible. Derived with the paper's method
+# (its cushion and recentring, docs/OPTIM.md; tests/test_train_optim.py derives them again); they agree with
+# the paper's table. From the 8th iteration on the interval is within 1e-9 of 1 and the polynomial is the
+# limit one, (15, -10, 3) / 8 (p(1) = 1, p'(1) = p''(1) = 0).
+POLAR_EXPRESS = (
+    (8.287212018145622, -23.595886519098816, 17.30038731253092),
+    (4.1070591115422035, -2.9478499167379124, 0.5448431082926607),
+    (3.948690853482292, -2.9089021159629462, 0.5518191394370129),
+    (3.3184196573706, -2.488488024314874, 0.51004894012372),
+    (2.300652019954819, -1.66890398457475, 0.41880731195256693),
+    (1.891301407787398, -1.2679958271945877, 0.37680408948524907),
+    (1.8750014808356787, -1.2500016453643534, 0.3750001645295991),
+)
+POLAR_EXPRESS_LIMIT = (15 / 8, -10 / 8, 3 / 8)
+# The paper's safety margins: the input is scaled to a Frobenius norm of 1 / 1.01 and each derived polynomial
+# is applied as p(x / 1.01), so that singular values that bf16 rounding pushed up to 1% above the interval's
+# top stay inside it (a quintic grows fast outside it).
+POLAR_SAFETY = 1.01
 
-def newton_schulz(g: Tensor, steps: int) -> Tensor:
-    """Approximately orthogonalise every matrix of a (n, rows, cols) batch, in bf16."""
-    a, b, c = NS_COEFFS
+
+def ns_coefficients(method: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of `steps` iterations: Muon's fixed quintic (ns5) or Polar Express's (polar)."""
+    if method == "ns5":
+        return [NS_COEFFS] * steps
+    s = POLAR_SAFETY
+    table = [(a / s, b / s**3, c / s**5) for a, b, c in POLAR_EXPRESS]
+    return [table[i] if i < len(table) else POLAR_EXPRESS_LIMIT for i in range(steps)]
+
+
+def newton_schulz(g: Tensor, steps: int, method: str = "ns5", row_norm: bool = False) -> Tensor:
+    """Approximately orthogonalise every matrix of a (n, rows, cols) batch, in bf16: `steps` iterations of
+    X <- aX + (bA + cA^2)X, A = XX^T (coefficients: ns_coefficients). row_norm (MuonEq-R, MUON_ROW_NORM):
+    each row of g is first scaled to unit norm, so that no row's scale decides the update's directions."""
+    if row_norm:
+        g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # a zero row (bucket padding) stays zero
     x = g.bfloat16()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    norm = x.norm(dim=(-2, -1), keepdim=True)
+    x = x / ((norm * POLAR_SAFETY if method == "polar" else norm) + 1e-7)
+    for a, b, c in ns_coefficients(method, steps):
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
     return x.mT if transposed else x
@@ -1648,7 +1754,7 @@ class Optimizers:
             betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=rt.device.type == "cuda")
 
     @torch.no_grad()
-    def step(self, lr_scale: float, momentum: float) -> None:
+    def step(self, lr_scale: float, momentum: float, wd_scale: float = 1.0) -> None:
         h, rt = self.h, self.rt
         adam_grads = torch.cat([p.grad.flatten() for p in self.adam_params])
         pending = [dist.all_reduce(adam_grads, op=dist.ReduceOp.AVG, async_op=True)] if rt.distributed else []
@@ -1679,7 +1785,8 @@ class Optimizers:
             if bucket.momentum is None:
                 bucket.momentum = torch.zeros_like(grad)
             bucket.momentum.mul_(momentum).add_(grad)
-            update = self.orthogonalize(grad.add(bucket.momentum, alpha=momentum), h.muon_backend_steps)  # Nesterov
+            update = self.orthogonalize(grad.add(bucket.momentum, alpha=momentum), h.muon_backend_steps,  # Nesterov
+                                        h.muon_ns, h.muon_row_norm)
             update, work = update * bucket.update_scale, None
             if rt.distributed:  # gathered while the next buckets are orthogonalised
                 gathered = update.new_empty((bucket.per_rank * rt.world_size, *update.shape[1:]))
@@ -1689,7 +1796,7 @@ class Optimizers:
         for bucket, update, work in updates:
             if work is not None:
                 work.wait()
-            torch._foreach_mul_(bucket.params, 1.0 - lr * h.muon_wd)
+            torch._foreach_mul_(bucket.params, 1.0 - lr * h.muon_wd * wd_scale)
             torch._foreach_add_(bucket.params, list(update[:len(bucket.params)].float().unbind(0)), alpha=-lr)
 
         torch._foreach_copy_([p.grad for p in self.adam_params],
@@ -1706,19 +1813,36 @@ class Optimizers:
 def lr_scale_at(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float) -> float:
     """Constant, then linear warm-down to 0 over the last WARMDOWN_ITERS steps before ITERATIONS.
     Under a time cap (cap_ms > 0: the end of the training loop) the warm-down also lasts WARMDOWN_ITERS
-    times the mean step time so far and ends at the cap: whichever limit comes first reaches 0."""
+    times the mean step time so far and ends at the cap: whichever limit comes first reaches 0.
+    Never below MIN_LR (the records' floor: the last steps still learn)."""
     if h.warmdown_iters <= 0:
         return 1.0
     by_steps = min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
     if cap_ms <= 0 or step == 0 or elapsed_ms <= 0:  # no cap, or no step time known yet
-        return by_steps
+        return max(by_steps, h.min_lr)
     warmdown_ms = h.warmdown_iters * elapsed_ms / step
-    return min(max(cap_ms - elapsed_ms, 0.0) / warmdown_ms, by_steps)
+    return max(min(max(cap_ms - elapsed_ms, 0.0) / warmdown_ms, by_steps), h.min_lr)
 
 
-def training_progress(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float) -> float:
-    """The fraction of training done: of ITERATIONS, or of the time cap (cap_ms > 0) if that is further."""
-    return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
+def training_fraction(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float) -> float:
+    """How far training is after `step` steps, 0..1: of ITERATIONS, or under a time cap (cap_ms > 0) of the
+    time if that is further (whichever limit ends training first)."""
+    by_time = elapsed_ms / cap_ms if cap_ms > 0 else 0.0
+    return min(max(step / h.iterations, by_time), 1.0)
+
+
+def wd_scale_at(h: Hyperparameters, fraction: float) -> float:
+    """WD_TAPER=MULT@START: Muon's weight decay times 1 until START, then linearly down to MULT at the end."""
+    taper = h.wd_taper_schedule()
+    if taper is None:
+        return 1.0
+    mult, start = taper
+    return 1.0 - (1.0 - mult) * max(fraction - start, 0.0) / (1.0 - start)
+
+
+def train_seq_len_at(h: Hyperparameters, fraction: float) -> int:
+    """TRAIN_SEQ_SCHEDULE: the length of the last entry that has started by `fraction`."""
+    return [length for start, length in h.seq_schedule() if start <= fraction][-1]
 
 
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
@@ -2614,6 +2738,10 @@ def setup_runtime(h: Hyperparameters, environ) -> Runtime:
     if h.train_batch_tokens % pieces:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of world size {world_size} x "
                           f"GRAD_ACCUM_STEPS={grad_accum_steps} x TRAIN_SEQ_LEN={h.train_seq_len} = {pieces}")
+    for _, length in h.seq_schedule():  # every scheduled length cuts the same tokens into whole rows
+        if h.train_batch_tokens % (world_size * grad_accum_steps * length):
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: length {length} does not divide TRAIN_BATCH_TOKENS="
+                              f"{h.train_batch_tokens} into world size {world_size} x GRAD_ACCUM_STEPS={grad_accum_steps} whole rows")
     if compile:
         import torch._inductor.config as inductor
         # Its mix-order reductions (RMSNorm backward fused with the mixing vectors' per-channel
@@ -2843,11 +2971,17 @@ def forward_backward(model: nn.Module, batch: tuple[Tensor, Tensor], rt: Runtime
     return total / x.size(0)
 
 
-def train_step(model: nn.Module, opt: Optimizers, batch: tuple[Tensor, Tensor], rt: Runtime, lr_scale: float, momentum: float) -> Tensor:
+def train_step(model: nn.Module, opt: Optimizers, batch: tuple[Tensor, Tensor], rt: Runtime, lr_scale: float, momentum: float,
+               wd_scale: float = 1.0) -> Tensor:
     """One optimiser step on a batch (train(), and the step time of bench/); returns its mean loss."""
     loss = forward_backward(model, batch, rt)
-    opt.step(lr_scale, momentum)
+    opt.step(lr_scale, momentum, wd_scale)
     return loss
+
+
+def as_rows(batch: tuple[Tensor, Tensor], seq_len: int) -> tuple[Tensor, Tensor]:
+    """A batch's tokens in rows of seq_len (TRAIN_SEQ_SCHEDULE): the tokens of a step do not depend on it."""
+    return tuple(t.view(t.size(0), -1, seq_len) for t in batch)
 
 
 def quantize_for_export(model: GPT, batches: list, h: Hyperparameters, rt: Runtime) -> Export:
@@ -2902,12 +3036,16 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     t0 = time.perf_counter()
     initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
     opt = Optimizers(model, routes, h, rt, orthogonalize)
-    # A delayed recurrence primes the training graph without the repeats, then with them (the final
-    # structure: scoring and the export's calibration use it), so that turning it on compiles nothing.
-    recur_delayed = bool(h.recurrence_layers()) and h.recur_start > 0
+    # Every training graph is primed (compiled) in turn: each length of TRAIN_SEQ_SCHEDULE, and with a delayed
+    # recurrence each without the repeats, then with them (the final structure: scoring and the export's
+    # calibration use it), so that nothing compiles on the clock.
+    lengths = list(dict.fromkeys(length for _, length in h.seq_schedule()))
+    structures = [False, True] if h.recurrence_layers() and h.recur_start > 0 else [True]
+    graphs = [(recur, length) for recur in structures for length in lengths]
     for i in range(h.warmup_steps):
-        set_recurrence(model, not recur_delayed or i >= h.warmup_steps // 2)
-        train_step(train_model, opt, loader.next_batch(), rt, 1.0, h.muon_momentum_warmup_start)
+        recur, length = graphs[i * len(graphs) // h.warmup_steps]
+        set_recurrence(model, recur)
+        train_step(train_model, opt, as_rows(loader.next_batch(), length), rt, 1.0, h.muon_momentum_warmup_start)
     set_recurrence(model, True)
     evaluator.prime()
     synchronize(rt)
@@ -2919,7 +3057,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         raise RunError(f"the export quantization needs {reserve_ms:.0f}ms reserved, at or above MAX_WALLCLOCK_SECONDS="
                        f"{h.max_wallclock_seconds:g}: no time would be left to train (raise the cap, or lower GPTQ_CALIB_BATCHES)")
     model.load_state_dict(initial)
-    set_recurrence(model, not recur_delayed)
+    set_recurrence(model, structures == [True])  # a delayed recurrence starts without the repeats
     loader = TrainLoader(h, rt)
     quantizations = ("no export quantization (CALIB=self: it runs after the clock, reserved:0ms)" if after_clock else
                      f"two export quantizations (cold:{cold_ms:.0f}ms warm:{warm_ms:.0f}ms reserved:{reserve_ms:.0f}ms)")
@@ -2930,6 +3068,8 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     averager = WeightAverager(model, h)
     loop_cap_ms = cap_ms - reserve_ms if cap_ms > 0 else 0.0
     step, training_ms, lr_scale, stop, qat_on, ends_ms = 0, 0.0, 1.0, False, False, 0.0
+    fraction = 0.0  # of the training done (training_fraction), from the agreed step-end times
+    seq_len, wd_scale = train_seq_len_at(h, fraction), wd_scale_at(h, fraction)
     records = StepRecords(rt)
     ended_ms = []  # the agreed training time at the end of steps 0, 1, 2, ... as it becomes known
 
@@ -2971,11 +3111,11 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
             qat_on = True
             log(f"late_qat: on from step:{step} lr_scale:{lr_scale:.4f} matrices:{set_late_qat(model, True)}")
         # ends_ms comes from the agreed step-end times: all ranks switch at the same step.
-        if not model.recur_on and training_progress(h, step, ends_ms, loop_cap_ms) >= h.recur_start:
+        if not model.recur_on and fraction >= h.recur_start:
             set_recurrence(model, True)
             log(f"recurrence: on from step:{step} train_time:{ends_ms:.0f}ms blocks:{h.recur_layers} repeats:{h.recur_repeats}")
         started_ms = clock_ms()
-        loss = train_step(train_model, opt, batch, rt, lr_scale, muon_momentum_at(h, step))
+        loss = train_step(train_model, opt, as_rows(batch, seq_len), rt, lr_scale, muon_momentum_at(h, step), wd_scale)
         batch = loader.next_batch()  # host work overlaps the GPU running this step
         step += 1
         averager.update(step, lr_scale)
@@ -2992,6 +3132,11 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         step_ms = max(ended_ms[-1] / known, ended_ms[-1] - ended_ms[-2]) if known >= 1 else 0.0
         ends_ms = ended_ms[-1] + (step - known) * step_ms if known >= 1 else 0.0  # this step's end, estimated
         lr_scale = lr_scale_at(h, step, ends_ms, loop_cap_ms)
+        fraction = training_fraction(h, step, ends_ms, loop_cap_ms)
+        wd_scale = wd_scale_at(h, fraction)
+        if (length := train_seq_len_at(h, fraction)) != seq_len:
+            seq_len = length
+            log(f"train_seq_len: {seq_len} from step:{step} fraction:{fraction:.4f}")
         # No step may end past the cap. The next one's end is three steps of extrapolation from figures two
         # steps old, so one more step is kept as a margin (CPU runs overran by a quarter step without it).
         if loop_cap_ms > 0 and known >= 1 and ends_ms + 2 * step_ms > loop_cap_ms:

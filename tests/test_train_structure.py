@@ -126,11 +126,11 @@ def test_recurrence_turns_on_at_recur_start(shards):
     assert model.recur_on
 
 
-def test_training_progress_is_the_further_of_steps_and_time():
+def test_training_fraction_is_the_further_of_steps_and_time():
     h = tiny_h(iterations=100)
-    assert tg.training_progress(h, 30, 0.0, 0.0) == 0.3  # no cap: the step count
-    assert tg.training_progress(h, 30, 600.0, 1000.0) == 0.6  # the cap comes first
-    assert tg.training_progress(h, 70, 600.0, 1000.0) == 0.7  # ITERATIONS comes first
+    assert tg.training_fraction(h, 30, 0.0, 0.0) == 0.3  # no cap: the step count
+    assert tg.training_fraction(h, 30, 600.0, 1000.0) == 0.6  # the cap comes first
+    assert tg.training_fraction(h, 70, 600.0, 1000.0) == 0.7  # ITERATIONS comes first
 
 
 def test_recurrence_compiles_two_graphs_during_the_warm_up(shards):
