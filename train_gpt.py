@@ -301,11 +301,11 @@ ALIASES = {name: hint for names, hint in (
     (("TTT_ENABLED",), "use TTT_MODE=lora (per-document adapters) or TTT_MODE=sgd (global SGD phases); off by default"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
-# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, ...): alone they do not make a name a setting's.
+# GDK_BACKEND, CGO_ENABLED, AB_STEPS of bench/ab_step.py, the launchers' LOCAL_RANK and GROUP_RANK, ...): alone they do not make a name a setting's.
 COMMON_WORDS = frozenset({
-    "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
-    "MAX", "METHOD", "MODEL", "N", "NUM", "PATH", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD", "STEPS",
-    "TARGET"})
+    "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "GLOBAL", "ID", "INIT", "KERNEL", "LAST", "LOG",
+    "MAX", "METHOD", "MODE", "MODEL", "N", "NUM", "PATH", "RANK", "RUN", "SCALE", "SECONDS", "SIZE", "START", "STD",
+    "STEPS", "TARGET"})
 # First words of other programs' variables: never read, never refused (also any first word PYTHON...).
 FOREIGN_PREFIXES = frozenset({
     "APPTAINER", "AWS", "AZ", "AZURE", "AZUREML", "BUILDKITE", "BUILDKIT", "CARGO", "CI", "CLOUDSDK", "COMPOSE",
@@ -2070,7 +2070,7 @@ class Evaluator:
             n_bytes = token_bytes(rows[:, -tail - 1:-1], rows[:, -tail:], self.tables, index[:, -tail:])
             totals += torch.stack([(nll.double() * scored).sum(), scored.sum().double(), (n_bytes * scored).sum().double()])
             if documents is not None:  # a target belongs to the last document that starts before it
-                doc = torch.searchsorted(self.doc_starts, index[:, -tail:]) - 1
+                doc = torch.searchsorted(self.doc_starts, index[:, -tail:].contiguous()) - 1
                 sums = torch.stack([nll.double() * scored, scored.double(), (n_bytes * scored).double()], -1)
                 documents.index_add_(0, doc.flatten(), sums.flatten(0, 1))
         return totals
