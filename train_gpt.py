@@ -2571,7 +2571,7 @@ def log_sizes(log: RunLog, artifact_bytes: int) -> None:
 
 def finite_score(evaluator: Evaluator, sliding: bool, documents: Tensor | None = None) -> tuple[float, float, float]:
     """evaluator.score, or the run fails (on every rank: the sums are all-reduced) when it is not finite."""
-    loss, bpb, ms = evaluator.score(sliding, documents)
+    loss, bpb, ms = evaluator.score(sliding) if documents is None else evaluator.score(sliding, documents)
     if not (math.isfinite(loss) and math.isfinite(bpb)):
         raise RunError(f"the {'sliding-window' if sliding else 'round-trip'} score is val_loss:{loss} val_bpb:{bpb}: "
                        "the model's outputs are not finite, so the run has no score")

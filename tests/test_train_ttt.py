@@ -257,3 +257,11 @@ def test_a_bad_ttt_setting_is_one_line_and_exit_status_2(run):
     result = run(TTT_MODE="lora", TTT_CHUNK="32", TTT_LORA_TARGETS="gate")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: TTT_LORA_TARGETS='gate': expected distinct names from q,k,v,o,fc,proj, e.g. q,v,o"]
+
+
+def test_a_ttt_score_that_is_not_finite_fails_the_run():
+    h, model, tables = setup(ttt_lr=1e38)  # Adam steps of 1e38: the adapted outputs overflow
+    lines = []
+    with pytest.raises(tg.RunError, match=r"the TTT score is val_loss:nan val_bpb:nan: the adapted model's outputs are not finite"):
+        tg.log_final_scores(lines.append, tg.Evaluator(model, h, cpu(), stream(documents(9, LENGTHS)), tables), h)
+    assert len(lines) == 4 and not any(line.startswith("final_ttt") for line in lines)
