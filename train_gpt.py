@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import difflib
 import gc
 import glob
@@ -153,6 +154,21 @@ class Hyperparameters:
     eval_batch_seqs: int = 64        # windows per forward pass per rank
     val_loss_every: int = 4000       # steps between validations; 0 = only after the last step
     train_log_every: int = 100       # steps between train_loss lines (steps 1-10 always)
+    eval_doc_scores: str = ""        # CSV of per-document scores of the scored evaluation; "" = none
+
+    # ---- test-time training (docs/TTT.md): score first, then adapt
+    ttt_mode: str = "off"            # off | lora (per-document adapters) | sgd (global phases)
+    ttt_chunk: int = 256             # targets scored, then adapted on, at a time in a document
+    ttt_lr: float = 0.001            # adapter learning rate
+    ttt_epochs: int = 1              # adapter steps on each scored chunk
+    ttt_optimizer: str = "adam"      # adam | sgd: the adapters' optimiser
+    ttt_lora_rank: int = 8           # rank of each adapter
+    ttt_lora_targets: str = "q,v,o"  # adapted projections of every block: q,k,v,o,fc,proj
+    ttt_batch_docs: int = 16         # documents scored (and adapted) side by side on a rank
+    ttt_phases: int = 0              # global SGD phases on the documents scored so far
+    ttt_global_lr: float = 0.002     # SGD (momentum 0.9) on all weights after a phase
+    ttt_global_epochs: int = 1       # passes over a phase's documents
+    ttt_global_batch: int = 64       # sequences per global SGD step, over all ranks
 
     # ---- machine
     compile: str = "auto"            # auto (CUDA only) | 1 | 0
@@ -175,6 +191,7 @@ class Hyperparameters:
         values.update(resolve_legacy_settings(environ, values))
         h = cls(**values)
         h.validate()
+        h.check_unread(values)
         h.from_environment = frozenset(n for n in values)
         return h
 
@@ -196,7 +213,8 @@ class Hyperparameters:
                    "compile": ("auto", "1", "0"), "attn_backend": ("auto", "fa3", "fa4", "flex", "sdpa"),
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
                    "xsa_kernel": ("auto", "triton", "torch"), "loss_kernel": ("auto", "triton", "torch"),
-                   "attn_gate": ("off", "head", "sparse"), "smear_gate": ("fixed", "input")}
+                   "attn_gate": ("off", "head", "sparse"), "smear_gate": ("fixed", "input"),
+                   "ttt_mode": ("off", "lora", "sgd"), "ttt_optimizer": ("adam", "sgd")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.attn_backend != "flex" or self.doc_mask, "ATTN_BACKEND=flex needs DOC_MASK=1 (plain causal attention: use sdpa, fa3 or fa4)")
@@ -259,6 +277,9 @@ class Hyperparameters:
         need(not self.train_seq_schedule.strip() or self.recur_start == 0 or self.warmup_steps >= 2 * len(lengths) or self.compile == "0",
              f"WARMUP_STEPS={self.warmup_steps}: expected at least {2 * len(lengths)} with TRAIN_SEQ_SCHEDULE and RECUR_START > 0 "
              "(a priming step per length, with and without the repeats)")
+        need(self.ttt_mode != "lora" or self.ttt_chunk <= self.eval_seq_len, f"TTT_CHUNK={self.ttt_chunk}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len} (a chunk is adapted on in one window)")
+        self.lora_targets()
+        need(self.ttt_mode != "sgd" or self.ttt_phases >= 1, "TTT_MODE=sgd adapts only between global phases: expected TTT_PHASES >= 1")
 
     @property
     def head_dim(self) -> int:
@@ -275,6 +296,21 @@ class Hyperparameters:
         if widths and (len(widths) != self.num_layers or not all(2 <= b <= 8 for b in widths)):
             raise ConfigError(f"{name}={raw!r}: expected {self.num_layers} widths (NUM_LAYERS), each in 2..8")
         return widths
+
+    def lora_targets(self) -> list[str]:
+        names = [s.strip() for s in self.ttt_lora_targets.split(",") if s.strip()]
+        if not names or any(n not in LORA_TARGETS for n in names) or len(set(names)) < len(names):
+            raise ConfigError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r}: expected distinct names from {','.join(LORA_TARGETS)}, e.g. q,v,o")
+        return names
+
+    def check_unread(self, given) -> None:
+        """Settings that the chosen TTT_MODE (or TTT_PHASES=0) does not read are refused when given: they would do nothing."""
+        unread = {"off": TTT_SETTINGS, "sgd": TTT_LORA_SETTINGS}.get(self.ttt_mode, ())
+        for name in sorted(set(unread) & set(given)):
+            raise ConfigError(f"{name.upper()}={getattr(self, name)} has no effect with TTT_MODE={self.ttt_mode}: remove it or choose another TTT_MODE")
+        if self.ttt_mode != "off" and self.ttt_phases == 0:
+            for name in sorted(set(TTT_GLOBAL_SETTINGS[1:]) & set(given)):
+                raise ConfigError(f"{name.upper()}={getattr(self, name)} has no effect with TTT_PHASES=0 (no global SGD): remove it or set TTT_PHASES")
 
     def value_embedding_layers(self) -> list[int]:
         try:
@@ -346,12 +382,20 @@ SETTING_RANGES = (
     (("swa_threshold", "late_qat_threshold"), lambda v: 0 <= v <= 1, "0 <= value <= 1 (an LR scale)"),
     (("recur_start",), lambda v: 0 <= v < 1, "0 <= value < 1 (a fraction of the training time)"),
     (("min_lr",), lambda v: 0 <= v < 1, "0 <= value < 1 (an LR scale; 0 = no floor)"),
+    (("ttt_chunk", "ttt_lora_rank", "ttt_batch_docs", "ttt_global_batch"), lambda v: v >= 1, "a positive number"),
+    (("ttt_lr", "ttt_global_lr", "ttt_epochs", "ttt_global_epochs", "ttt_phases"), lambda v: v >= 0, "a number >= 0"),
 )
 # WD_TAPER's and TRAIN_SEQ_SCHEDULE's fractions of the training time (and WD_TAPER's multiplier): plain decimals,
 # no sign or exponent. A schedule has at most MAX_SEQ_LENGTHS entries: each length is a compiled training graph,
 # and torch.compile keeps 8 graphs of a function before it falls back to eager.
 FRACTION_PATTERN = r"\d*\.?\d+"
 MAX_SEQ_LENGTHS = 8
+# The TTT settings each mode reads (Hyperparameters.check_unread refuses the others when given).
+TTT_LORA_SETTINGS = ("ttt_chunk", "ttt_lr", "ttt_epochs", "ttt_optimizer", "ttt_lora_rank", "ttt_lora_targets")
+TTT_GLOBAL_SETTINGS = ("ttt_phases", "ttt_global_lr", "ttt_global_epochs", "ttt_global_batch")
+TTT_SETTINGS = TTT_LORA_SETTINGS + TTT_GLOBAL_SETTINGS + ("ttt_batch_docs",)
+# TTT_LORA_TARGETS: the names of the adapted projections, and where each sits in a Block.
+LORA_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 
 
 class RunError(Exception):
@@ -382,7 +426,6 @@ RETIRED_SETTINGS = {
 }
 # Families of record-script settings for features this script does not have.
 RETIRED_PREFIXES = {
-    "TTT_": "test-time training is not implemented in this script",
     "MTP_": "multi-token prediction heads are not implemented in this script",
 }
 # Other training scripts' names for what is spelled differently here (where the word rule below would
@@ -403,13 +446,14 @@ ALIASES = {name: hint for names, hint in (
     (("EMA",), "use WEIGHT_AVG=ema (the default) and EMA_DECAY"),
     (("SWA",), "use WEIGHT_AVG=swa, SWA_EVERY and SWA_THRESHOLD"),
     (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantization starts; 0 = off)"),
+    (("TTT_ENABLED",), "use TTT_MODE=lora (per-document adapters) or TTT_MODE=sgd (global SGD phases); off by default"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
-# GDK_BACKEND, CGO_ENABLED, CMAKE_BUILD_PARALLEL_LEVEL, AB_STEPS of bench/ab_step.py, torchrun's LOCAL_RANK, ...):
-# alone they do not make a name a setting's.
+# GDK_BACKEND, CGO_ENABLED, CMAKE_BUILD_PARALLEL_LEVEL, AB_STEPS of bench/ab_step.py, the launchers' LOCAL_RANK
+# and GROUP_RANK, ...): alone they do not make a name a setting's.
 COMMON_WORDS = frozenset({
-    "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "ID", "INIT", "KERNEL", "LAST", "LOG",
-    "MAX", "METHOD", "MIN", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RANK", "RUN", "SCALE", "SECONDS", "SIZE",
+    "ACT", "ARTIFACT", "BACKEND", "BASE", "BATCH", "DATA", "ENABLED", "GLOBAL", "ID", "INIT", "KERNEL", "LAST", "LOG",
+    "MAX", "METHOD", "MIN", "MODE", "MODEL", "N", "NUM", "PARALLEL", "PATH", "RANK", "RUN", "SCALE", "SECONDS", "SIZE",
     "START", "STD", "STEPS", "TARGET"})
 # First words of other programs' variables: never read, never refused (also any first word PYTHON...).
 FOREIGN_PREFIXES = frozenset({
@@ -2565,14 +2609,29 @@ def disjoint_windows(n_targets: int, window: int) -> tuple[np.ndarray, np.ndarra
     return starts, np.zeros_like(starts)
 
 
+def document_starts(tokens: Tensor) -> Tensor:
+    """Where each document of the validation stream begins: at its BOS token (and at 0 when the stream does
+    not begin with one). Document d owns the targets at positions starts[d]+1 .. starts[d+1]: its last target
+    is the next document's BOS, predicted from its own text. A BOS as the stream's last token begins nothing."""
+    bos = torch.nonzero(tokens[:-1] == BOS_ID).flatten()
+    return bos if len(bos) and bos[0] == 0 else torch.cat([bos.new_zeros(1), bos])
+
+
+def write_document_scores(path: str, documents: Tensor) -> None:
+    """EVAL_DOC_SCORES: one CSV row per document, in stream order, of its (nats, targets, bytes) sums."""
+    rows = ["doc,tokens,bytes,nats"] + [f"{d},{int(t)},{int(b)},{n!r}" for d, (n, t, b) in enumerate(documents.tolist())]
+    write_atomic(path, ("\n".join(rows) + "\n").encode())
+
+
 class Evaluator:
     """Scores the validation stream: summed nats, tokens and bytes in float64, all-reduced over ranks."""
 
     def __init__(self, model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Tensor, tables: ByteTables):
-        self.h, self.rt = h, rt
+        self.h, self.rt, self.model = h, rt, model
         self.token_nll = torch.compile(model.token_nll, dynamic=False, fullgraph=True) if rt.compile else model.token_nll
         self.tokens = val_tokens.to(rt.device)
         self.tables = with_byte_sidecar(tables, h.data_path, len(val_tokens)).to(rt.device)
+        self.doc_starts = document_starts(self.tokens)
 
     @torch.no_grad()
     def prime(self) -> float:
@@ -2593,8 +2652,9 @@ class Evaluator:
             return self.token_nll(rows[:, :-1], rows[:, 1:], tail)
 
     @torch.no_grad()
-    def score(self, sliding: bool) -> tuple[float, float, float]:
-        """(val_loss in nats per token, val_bpb, eval milliseconds)."""
+    def score(self, sliding: bool, documents: Tensor | None = None) -> tuple[float, float, float]:
+        """(val_loss in nats per token, val_bpb, eval milliseconds); with `documents` (one row per document of
+        document_starts), also each document's (nats, targets, bytes), summed over ranks, into it."""
         h, rt = self.h, self.rt
         synchronize(rt)
         t0 = time.perf_counter()
@@ -2603,20 +2663,22 @@ class Evaluator:
         if sliding:
             starts, first = sliding_windows(n_targets, window, h.eval_stride)
             if rt.master:  # the first window scores all its positions
-                totals += self._score(starts[:1], first[:1], window)
+                totals += self._score(starts[:1], first[:1], window, documents)
             starts, first, tail = starts[1:], first[1:], h.eval_stride
         else:
             (starts, first), tail = disjoint_windows(n_targets, window), window
         mine = slice(rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size)
-        totals += self._score(starts[mine], first[mine], tail)
+        totals += self._score(starts[mine], first[mine], tail, documents)
         if rt.distributed:
             dist.all_reduce(totals)
+            if documents is not None:
+                dist.all_reduce(documents)
         loss_sum, tokens, n_bytes = totals.tolist()
         synchronize(rt)
         return loss_sum / tokens, loss_sum / (math.log(2) * n_bytes), 1000 * (time.perf_counter() - t0)
 
-    def _score(self, starts: np.ndarray, first: np.ndarray, tail: int) -> Tensor:
-        """Sums over windows that score positions >= first[i] (always within the last `tail`)."""
+    def _score(self, starts: np.ndarray, first: np.ndarray, tail: int, documents: Tensor | None = None) -> Tensor:
+        """Sums over windows that score positions >= first[i] (always within the last `tail`), and per document into `documents`."""
         h, device, window = self.h, self.rt.device, self.h.eval_seq_len
         batch = h.eval_batch_seqs
         totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -2636,7 +2698,257 @@ class Evaluator:
             scored = positions[None, :] >= f[:, None]
             n_bytes = token_bytes(rows[:, -tail - 1:-1], rows[:, -tail:], self.tables, index[:, -tail:])
             totals += torch.stack([(nll.double() * scored).sum(), scored.sum().double(), (n_bytes * scored).sum().double()])
+            if documents is not None:  # a target belongs to the last document that starts before it
+                doc = torch.searchsorted(self.doc_starts, index[:, -tail:].contiguous()) - 1
+                sums = torch.stack([nll.double() * scored, scored.double(), (n_bytes * scored).double()], -1)
+                documents.index_add_(0, doc.flatten(), sums.flatten(0, 1))
         return totals
+
+
+# Score-first test-time training (TTT_MODE, docs/TTT.md). Adam's moments for the adapters and the momentum of
+# the global SGD are the usual values; the settings choose the rates.
+TTT_ADAM_BETAS, TTT_ADAM_EPS, TTT_GLOBAL_MOMENTUM = (0.9, 0.999), 1e-8, 0.9
+
+
+def chunk_windows(lo: int, hi: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, first, end) of the windows that score a document's targets lo..hi-1 (document positions: target j
+    is token j+1, predicted from tokens start..j): those below `window` by one window from the document's start,
+    the others `stride` at a time by a window ending at the last of them. Every target gets at least
+    window - stride tokens of its document as context, as in the sliding evaluation, whose grid this is on a
+    single document when window, lo and hi are multiples of stride."""
+    spans = []
+    if lo < window:
+        spans.append((0, lo, min(hi, window)))
+        lo = min(hi, window)
+    for first in range(lo, hi, stride):
+        end = min(first + stride, hi)
+        spans.append((end - window, first, end))
+    return spans
+
+
+class DocumentAdapters:
+    """The LoRA adapters of TTT_MODE=lora, one per slot: for the rows of slot s, each adapted projection W of every
+    block computes x W^T + (x A_s^T) B_s^T (A: rank x in, B: out x rank). B starts at zero, so a fresh adapter
+    changes nothing; a slot serves one document at a time and is reset when it takes the next. Forward hooks add
+    the term, so the model is the one that was trained; their gradients are the only ones taken."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, device: torch.device):
+        self.h, self.slots = h, h.ttt_batch_docs
+        self.row_slots: Tensor | None = None  # the slot of each row of the next forward; None: row i is slot i
+        self.enabled = True
+        generator = torch.Generator().manual_seed(h.seed)
+        self.tensors, self.initial = [], []
+        for block in model.blocks:
+            block.mlp.fused = False  # the fused MLP kernel does not call its Linear modules, so it would skip their hooks
+            for name in h.lora_targets():
+                linear = block.get_submodule(LORA_TARGETS[name])
+                out_features, in_features = linear.weight.shape
+                a = (torch.randn(h.ttt_lora_rank, in_features, generator=generator) * in_features ** -0.5).to(device)
+                A = a.expand(self.slots, -1, -1).clone().requires_grad_()
+                B = torch.zeros(self.slots, out_features, h.ttt_lora_rank, device=device, requires_grad=True)
+                self.tensors += [A, B]
+                self.initial += [a, torch.zeros_like(B[0])]
+                linear.register_forward_hook(self._hook(A, B))
+        self.moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in self.tensors]
+        self.steps = torch.zeros(self.slots, device=device)
+
+    def _hook(self, A: Tensor, B: Tensor):
+        def add_adapter(module, inputs, output):
+            if not self.enabled:
+                return output
+            a, b = (A, B) if self.row_slots is None else (A[self.row_slots], B[self.row_slots])
+            return output + torch.bmm(torch.bmm(inputs[0], a.transpose(1, 2)), b.transpose(1, 2))
+        return add_adapter
+
+    @torch.no_grad()
+    def reset(self, slot: int) -> None:
+        for t, initial, (m, v) in zip(self.tensors, self.initial, self.moments):
+            t[slot], m[slot], v[slot] = initial, 0, 0
+        self.steps[slot] = 0
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        """One TTT_OPTIMIZER step of the adapters of the slots in `active`; the others keep their weights and state."""
+        lr, (b1, b2) = self.h.ttt_lr, TTT_ADAM_BETAS
+        self.steps += active
+        for p, (m, v) in zip(self.tensors, self.moments):
+            keep = active.view(-1, *[1] * (p.dim() - 1))
+            if self.h.ttt_optimizer == "sgd":
+                p.sub_(lr * p.grad * keep)
+            else:
+                m.copy_(torch.where(keep, b1 * m + (1 - b1) * p.grad, m))
+                v.copy_(torch.where(keep, b2 * v + (1 - b2) * p.grad.square(), v))
+                t = self.steps.clamp(min=1).view_as(keep)
+                p.sub_(lr * keep * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + TTT_ADAM_EPS))
+            p.grad = None
+
+
+class TestTimeTraining:
+    """Score-first test-time training over the validation documents (document_starts), on a copy of the scored model.
+    Each document is scored chunk by chunk (TTT_CHUNK targets) under no gradient, by windows of its own tokens
+    (chunk_windows), and with TTT_MODE=lora its adapter then trains on the chunk just scored, so every target is
+    scored once, by weights adapted only on targets before it. With TTT_PHASES=P the documents form P + 1 phases of
+    equal document counts; after each phase but the last, SGD on all weights over that phase's documents, which
+    every rank has scored by then. A phase's documents are split over the ranks by their target counts, each rank
+    scoring its own, TTT_BATCH_DOCS side by side."""
+
+    def __init__(self, evaluator: Evaluator):
+        h, rt = evaluator.h, evaluator.rt
+        self.h, self.rt, self.tables = h, rt, evaluator.tables
+        self.model = copy.deepcopy(evaluator.model)  # adapted here: the evaluator's model stays the artifact's
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.adapters = DocumentAdapters(self.model, h, rt.device) if h.ttt_mode == "lora" else None
+        self.nll = torch.compile(self.model.token_nll, dynamic=False) if rt.compile else self.model.token_nll
+        self.offsets = torch.arange(h.eval_seq_len + 1, device=rt.device)
+        self.use_tokens(evaluator.tokens)
+
+    def use_tokens(self, tokens: Tensor) -> None:
+        self.tokens = tokens
+        self.starts = document_starts(tokens)
+        self.lengths = (torch.cat([self.starts[1:], self.starts.new_full((1,), len(tokens) - 1)]) - self.starts).tolist()
+
+    def _rows(self, spans: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """For spans (document, start, first, end, slot) in document positions: token rows (R, window + 1) from each
+        document's token `start` on, filled with token 0 after token `end` (never context of a scored target), the
+        mask of the targets first..end-1 and the bytes of every target."""
+        doc, start, first, end = torch.from_numpy(spans[:, :4]).to(self.rt.device).unbind(1)
+        index = (self.starts[doc] + start)[:, None] + self.offsets
+        index = index.clamp(max=len(self.tokens) - 1)
+        rows = torch.where(self.offsets <= (end - start)[:, None], self.tokens[index], 0)
+        target = self.offsets[:-1]
+        scored = (target >= (first - start)[:, None]) & (target < (end - start)[:, None])
+        return rows, scored, token_bytes(rows[:, :-1], rows[:, 1:], self.tables, index[:, 1:])
+
+    def _forward(self, rows: Tensor, slots: np.ndarray | None) -> Tensor:
+        if self.adapters is not None:
+            self.adapters.row_slots = None if slots is None else torch.from_numpy(slots).to(self.rt.device)
+        with autocast(self.rt):
+            return self.nll(rows[:, :-1], rows[:, 1:], self.h.eval_seq_len)
+
+    @torch.no_grad()
+    def score_spans(self, spans: np.ndarray, documents: Tensor) -> Tensor:
+        """Score the spans with the current weights, EVAL_BATCH_SEQS rows a forward (padded with spans that score
+        nothing: one shape), add each row's (nats, targets, bytes) to its document's row of `documents` and return them."""
+        batch = self.h.eval_batch_seqs
+        padded = np.zeros((-(-len(spans) // batch) * batch, 5), dtype=np.int64)
+        padded[:len(spans)] = spans
+        sums = []
+        for i in range(0, len(padded), batch):
+            part = padded[i:i + batch]
+            rows, scored, n_bytes = self._rows(part)
+            nll = self._forward(rows, part[:, 4])
+            sums.append(torch.stack([(nll.double() * scored).sum(1), scored.sum(1).double(), (n_bytes * scored).sum(1).double()], 1))
+            documents.index_add_(0, torch.from_numpy(part[:, 0]).to(self.rt.device), sums[-1])
+        return torch.cat(sums)[:len(spans)]
+
+    def _adapt(self, spans: np.ndarray, active: Tensor) -> None:
+        """TTT_EPOCHS steps of the adapters of the active slots, each on its own chunk (spans: one per slot, in order).
+        The loss is the sum of the documents' mean losses, so no document's gradient depends on another document."""
+        rows, scored, _ = self._rows(spans)
+        count = scored.sum(1).clamp(min=1)
+        for _ in range(self.h.ttt_epochs):
+            ((self._forward(rows, None) * scored).sum(1) / count).sum().backward()
+            self.adapters.step(active)
+
+    def _score_documents(self, docs: list[int], documents: Tensor) -> None:
+        """This rank's documents of a phase, TTT_BATCH_DOCS at a time (longest first, so the slots stay busy): each
+        step scores every slot's next chunk, then trains each slot's adapter on its chunk, unless the chunk ends
+        its document (nothing of it is left to score)."""
+        h, window, slots = self.h, self.h.eval_seq_len, self.h.ttt_batch_docs
+        queue = collections.deque(sorted(docs, key=lambda d: -self.lengths[d]))
+        doc, lo = [-1] * slots, [0] * slots
+        while True:
+            for s in range(slots):
+                if doc[s] < 0 and queue:
+                    doc[s], lo[s] = queue.popleft(), 0
+                    if self.adapters is not None:
+                        self.adapters.reset(s)
+            busy = [s for s in range(slots) if doc[s] >= 0]
+            if not busy:
+                return
+            chunk = {s: h.ttt_chunk if self.adapters is not None else self.lengths[doc[s]] for s in busy}
+            hi = {s: min(lo[s] + chunk[s], self.lengths[doc[s]]) for s in busy}
+            self.score_spans(np.array([(doc[s], start, first, end, s) for s in busy
+                                       for start, first, end in chunk_windows(lo[s], hi[s], window, h.eval_stride)]), documents)
+            training = [s for s in busy if hi[s] < self.lengths[doc[s]]]
+            if self.adapters is not None and training:
+                spans, active = np.zeros((slots, 5), dtype=np.int64), torch.zeros(slots, dtype=torch.bool, device=self.rt.device)
+                for s in training:
+                    spans[s], active[s] = (doc[s], max(0, hi[s] - window), lo[s], hi[s], s), True
+                self._adapt(spans, active)
+            for s in busy:
+                lo[s], doc[s] = hi[s], doc[s] if hi[s] < self.lengths[doc[s]] else -1
+
+    def _global_sgd(self, docs: list[int]) -> None:
+        """TTT_GLOBAL_EPOCHS passes of SGD on all weights over a phase's documents (all scored): windows of `window`
+        targets of each document, TTT_GLOBAL_BATCH a step over all ranks, each rank taking its share; the gradients
+        are summed over the ranks, so that every rank takes the same step. The adapters are off meanwhile."""
+        h, rt, window = self.h, self.rt, self.h.eval_seq_len
+        spans = np.array([(d, k, k, min(k + window, self.lengths[d]), 0) for d in docs for k in range(0, self.lengths[d], window)],
+                         dtype=np.int64).reshape(-1, 5)
+        params = list(self.model.parameters())
+        optimizer = torch.optim.SGD(params, lr=h.ttt_global_lr, momentum=TTT_GLOBAL_MOMENTUM)
+        if self.adapters is not None:
+            self.adapters.enabled = False
+        for p in params:
+            p.requires_grad_(True)
+        share = -(-h.ttt_global_batch // rt.world_size)
+        for _ in range(h.ttt_global_epochs):
+            for i in range(0, len(spans), h.ttt_global_batch):
+                step = spans[i:i + h.ttt_global_batch]
+                mine = np.zeros((share, 5), dtype=np.int64)
+                part = step[rt.rank * len(step) // rt.world_size:(rt.rank + 1) * len(step) // rt.world_size]
+                mine[:len(part)] = part
+                rows, scored, _ = self._rows(mine)
+                ((self._forward(rows, None) * scored).sum() / float((step[:, 3] - step[:, 2]).sum())).backward()
+                if rt.distributed:
+                    flat = torch.cat([p.grad.flatten() for p in params])
+                    dist.all_reduce(flat)
+                    for p, g in zip(params, flat.split([p.numel() for p in params])):
+                        p.grad.copy_(g.view_as(p))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.requires_grad_(False)
+        if self.adapters is not None:
+            self.adapters.enabled = True
+
+    def run(self) -> tuple[float, float, float, Tensor]:
+        """(val_loss, val_bpb, eval milliseconds, each document's (nats, targets, bytes) summed over the ranks)."""
+        h, rt = self.h, self.rt
+        synchronize(rt)
+        t0 = time.perf_counter()
+        n_docs = len(self.lengths)
+        documents = torch.zeros(n_docs, 3, dtype=torch.float64, device=rt.device)
+        for phase in range(h.ttt_phases + 1):
+            docs = list(range(n_docs * phase // (h.ttt_phases + 1), n_docs * (phase + 1) // (h.ttt_phases + 1)))
+            before = np.cumsum([0] + [self.lengths[d] for d in docs])
+            owner = before[:-1] * rt.world_size // max(int(before[-1]), 1)  # contiguous shares of equal target counts
+            self._score_documents([d for d, r in zip(docs, owner) if r == rt.rank], documents)
+            if phase < h.ttt_phases:
+                self._global_sgd(docs)
+        if rt.distributed:
+            dist.all_reduce(documents)  # each document was scored on one rank: the others add zeros
+        loss_sum, tokens, n_bytes = documents.sum(0).tolist()
+        synchronize(rt)
+        return loss_sum / tokens, loss_sum / (math.log(2) * n_bytes), 1000 * (time.perf_counter() - t0), documents
+
+    def prime(self) -> float:
+        """With COMPILE: one whole pass over synthetic documents (BOS, then token 0), which compiles every graph
+        the scoring runs, then the weights are restored. No validation token reaches the compiler. Returns the seconds taken."""
+        t0 = time.perf_counter()
+        if self.rt.compile:
+            tokens, state = self.tokens, copy.deepcopy(self.model.state_dict())
+            length = self.h.eval_seq_len + self.h.ttt_chunk
+            synthetic = torch.zeros(max(2, self.h.ttt_phases + 1) * self.rt.world_size, length, dtype=tokens.dtype, device=tokens.device)
+            synthetic[:, 0] = BOS_ID
+            self.use_tokens(synthetic.flatten()[:len(tokens)])
+            self.run()
+            self.model.load_state_dict(state)
+            self.use_tokens(tokens)
+            synchronize(self.rt)
+        return time.perf_counter() - t0
 
 
 # =============================================================================================
@@ -2903,9 +3215,9 @@ def log_sizes(log: RunLog, artifact_bytes: int) -> None:
     log(f"Total submission size quant+zstd: {artifact_bytes + CODE_BYTES} bytes")
 
 
-def finite_score(evaluator: Evaluator, sliding: bool) -> tuple[float, float, float]:
+def finite_score(evaluator: Evaluator, sliding: bool, documents: Tensor | None = None) -> tuple[float, float, float]:
     """evaluator.score, or the run fails (on every rank: the sums are all-reduced) when it is not finite."""
-    loss, bpb, ms = evaluator.score(sliding)
+    loss, bpb, ms = evaluator.score(sliding) if documents is None else evaluator.score(sliding, documents)
     if not (math.isfinite(loss) and math.isfinite(bpb)):
         raise RunError(f"the {'sliding-window' if sliding else 'round-trip'} score is val_loss:{loss} val_bpb:{bpb}: "
                        "the model's outputs are not finite, so the run has no score")
@@ -2916,9 +3228,24 @@ def log_final_scores(log: RunLog, evaluator: Evaluator, h: Hyperparameters) -> N
     loss, bpb, ms = finite_score(evaluator, sliding=False)
     log(f"final_quant_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_quant_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    loss, bpb, ms = finite_score(evaluator, sliding=True)
+    scored = "sliding-window"
+    documents = torch.zeros(len(evaluator.doc_starts), 3, dtype=torch.float64, device=evaluator.rt.device) if h.eval_doc_scores else None
+    loss, bpb, ms = finite_score(evaluator, sliding=True, documents=documents if h.ttt_mode == "off" else None)
     log(f"final_quant_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride} eval_time:{ms:.0f}ms")
     log(f"final_quant_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if h.ttt_mode != "off":
+        scored, ttt = "TTT", TestTimeTraining(evaluator)
+        if evaluator.rt.compile:
+            log(f"ttt: graphs compiled on synthetic documents in {ttt.prime():.1f}s")
+        loss, bpb, ms, documents = ttt.run()
+        if not (math.isfinite(loss) and math.isfinite(bpb)):
+            raise RunError(f"the TTT score is val_loss:{loss} val_bpb:{bpb}: the adapted model's outputs are not finite "
+                           "(lower TTT_LR or TTT_GLOBAL_LR), so the run has no TTT score")
+        log(f"final_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms mode:{h.ttt_mode} phases:{h.ttt_phases} documents:{len(documents)}")
+        log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if h.eval_doc_scores:
+        on_master(evaluator.rt, lambda: write_document_scores(h.eval_doc_scores, documents.cpu()))
+        log(f"document_scores: {h.eval_doc_scores} ({len(documents)} documents of the {scored} score)")
 
 
 def check_size_cap(total_bytes: int) -> None:
