@@ -908,28 +908,6 @@ def token_bytes(prev: Tensor, target: Tensor, tables: ByteTables, positions: Ten
 # Model
 # =============================================================================================
 
-try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
-    from flash_attn_interface import flash_attn_func as fa3_attention
-except ImportError:
-    fa3_attention = None
-try:  # its packed-documents form, for DOC_MASK
-    from flash_attn_interface import flash_attn_varlen_func as fa3_varlen_attention
-except ImportError:
-    fa3_varlen_attention = None
-try:  # FlashAttention-4 (pip install flash-attn-4: CuTe DSL kernels for Hopper and Blackwell)
-    from flash_attn.cute import interface as fa4_interface
-    import importlib.metadata
-    FA4_VERSION = importlib.metadata.version("flash-attn-4")
-except Exception:  # not installed, or a build that cannot load on this machine
-    fa4_interface, FA4_VERSION = None, None
-try:  # Triton ships with PyTorch's CUDA builds: the fused MLP, q/k and XSA kernels (Hopper)
-    import triton
-    import triton.language as tl
-    if not hasattr(tl, "make_tensor_descriptor"):  # before Triton 3.4 (PyTorch 2.8)
-        triton = None
-except ImportError:
-    triton = None
-
 # Parameter routing: every parameter gets one role where it is created (`tagged`); this table maps the
 # role to its optimiser and export category. `route_parameters` asserts that it covers everything once.
 ROUTES = {
@@ -1026,6 +1004,360 @@ class Rotary(nn.Module):
         x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
         rotated = (x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims:])
         return torch.cat(rotated, dim=-1)
+
+
+def document_mask(idx: Tensor, tail: int, backend: str):
+    """For the last `tail` queries of the rows idx (B, T), what `backend` needs to keep each query to the
+    keys of its own document, at or before it (DOC_MASK). A document starts at each BOS and at a row's
+    start (a window that begins inside a document sees that document's visible part).
+    sdpa: a boolean mask (B, 1, tail, T); flex: a BlockMask (sparse over blocks, so whole blocks of other
+    documents are skipped); fa3, fa4: the rows as one stream of documents, (cu_q, cu_k) int32 of B*T + 1
+    entries: document i's queries and keys start at cu_q[i] and cu_k[i]. One entry per position that may
+    start a document keeps the shape static (one compiled graph); the entries past the last document
+    repeat the stream's end, as empty documents."""
+    B, T = idx.shape
+    starts = idx == BOS_ID
+    if backend in ("fa3", "fa4"):
+        flat = torch.arange(B * T, device=idx.device)
+        first = starts.flatten() | (flat % T == 0)
+        cu_k = torch.cat([torch.where(first, flat, B * T).sort().values, flat.new_full((1,), B * T)])
+        cu_q = cu_k // T * tail + (cu_k % T - (T - tail)).clamp(min=0)  # the queries before each start
+        return cu_q.int(), cu_k.int()
+    doc, offset = starts.cumsum(1), T - tail  # each position's document, counted within its row
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document(b, h, q, kv):
+            return (kv <= q + offset) & (doc[b, q + offset] == doc[b, kv])
+        return create_block_mask(same_document, B, None, tail, T, device=idx.device)
+    causal = torch.ones(tail, T, dtype=torch.bool, device=idx.device).tril(offset)
+    return ((doc[:, None, :] == doc[:, offset:, None]) & causal)[:, None]
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs) -> Tensor:
+    """causal_attention within documents: docs = document_mask(idx, Tq, backend) of these rows."""
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    B, Tq, H, D = q.shape
+    T = k.size(1)
+    if backend in ("fa3", "fa4"):
+        cu_q, cu_k = docs
+        q, k, v = q.reshape(B * Tq, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D)
+        if backend == "fa3":
+            out = fa3_varlen_attention(q, k, v, cu_q, cu_k, Tq, T, causal=True)
+            out = out[0] if isinstance(out, tuple) else out
+        else:
+            out = fa4_varlen_attention(q, k, v, cu_q, cu_k, Tq, T)[0]
+        return out.view(B, Tq, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+        y = flex_attention(q, k, v, block_mask=docs, enable_gqa=k.size(1) != q.size(1))
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=docs, enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """q: (B, Tq, H, D), the last Tq of the T positions; k, v: (B, T, Hkv, D), Hkv dividing H.
+    Returns (B, Tq, H, D)."""
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    if backend == "fa3":  # its causal mask is aligned to the last positions
+        out = fa3_attention(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    if backend == "fa4":  # so is FlashAttention-4's
+        return fa4_attention(q, k, v)[0]
+    Tq, T = q.size(1), k.size(1)
+    mask = None if Tq == T else torch.ones(Tq, T, dtype=torch.bool, device=q.device).tril(T - Tq)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (arXiv:2603.09078, PR #287): remove from each head's output its component along the
+    normalised value vector of the same position. With GQA the query heads of one kv group share
+    that v: y is viewed as (B, T, Hkv, group, D) and v broadcast, with no repeat_interleave or copy."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
+    return y.view(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.head_dim = h.head_dim
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = Linear(h, h.model_dim, h.model_dim, "attn", "ortho")
+        self.c_k = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
+        self.c_v = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
+        self.proj = Linear(h, h.model_dim, h.model_dim, "attn", "zero")
+        self.q_gain = tagged(nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init)), "control")
+        self.rotary = Rotary(h)
+        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.backend = kernels.attention
+        self.qk_fused = kernels.qk == "triton"  # NormRotary
+        self.xsa_fused = kernels.xsa == "triton"  # ExclusiveSelfAttention
+        # Output gate per head, 2 sigmoid(w . x): zero weights make it 1, so a new model computes as ungated.
+        self.gate_channels = {"off": 0, "head": h.model_dim, "sparse": SPARSE_GATE_CHANNELS}[h.attn_gate]
+        if self.gate_channels:
+            self.gate = tagged(nn.Parameter(torch.zeros(h.num_heads, self.gate_channels)), "control")
+
+    def forward(self, x: Tensor, value_embed: Tensor | None, tail: int, docs=None) -> Tensor:
+        """The outputs of the last `tail` positions, attending to all T (or, with docs, to their document's)."""
+        B, T, _ = x.shape
+        q = self.c_q(x[:, T - tail:]).view(B, tail, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if value_embed is not None:
+            v = v + value_embed.view_as(v)
+        if self.qk_fused:
+            q = NormRotary.apply(q, self.q_gain, self.rotary.cos, self.rotary.sin, T - tail)
+            k = NormRotary.apply(k, None, self.rotary.cos, self.rotary.sin, 0)
+        else:
+            q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
+            k = self.rotary(rms_norm(k))
+        y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, self.backend, docs)
+        if self.xsa:
+            xsa = ExclusiveSelfAttention.apply if self.xsa_fused else exclusive_self_attention
+            y = xsa(y, v[:, T - tail:])
+        if self.gate_channels:
+            gate = 2 * torch.sigmoid(F.linear(x[:, T - tail:, :self.gate_channels], self.gate.to(x.dtype)))
+            y = y * gate.unsqueeze(-1).to(y.dtype)
+        return self.proj(y.reshape(B, tail, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters, kernels: Kernels):
+        super().__init__()
+        hidden = int(h.mlp_mult * h.model_dim)
+        self.fc = Linear(h, h.model_dim, hidden, "mlp", "ortho")
+        self.proj = Linear(h, hidden, h.model_dim, "mlp", "zero")
+        self.leaky = h.mlp_act == "leaky_relu2"
+        self.fused = kernels.mlp == "triton"  # Relu2MLP
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            weights = (self.fc.forward_weight().to(dtype), self.proj.forward_weight().to(dtype))
+            return Relu2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), *weights).view(*x.shape[:-1], -1)
+        return self.plain(x)
+
+    def plain(self, x: Tensor) -> Tensor:
+        """The torch path: fc and proj called as modules (GPTQ calibration hooks their inputs)."""
+        x = self.fc(x)
+        x = F.leaky_relu(x, 0.5) if self.leaky else F.relu(x)
+        return self.proj(x.square())
+
+
+class Block(nn.Module):
+    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
+        super().__init__()
+        dim = h.model_dim
+        self.attn = Attention(h, layer, kernels)
+        self.mlp = MLP(h, kernels)
+        self.attn_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
+        self.mlp_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
+        self.resid_mix = tagged(nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)])), "control")  # x <- a*x + b*x0
+        self.input_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
+        self.ve_scale = tagged(nn.Parameter(torch.tensor(0.1)), "control") if layer in h.value_embedding_layers() else None
+        self.parallel = 0 < h.parallel_resid_start <= layer  # attention and MLP both read the block's input
+
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, tail: int | None = None, docs=None) -> Tensor:
+        """Outputs of every position, or of the last `tail` only (their attention still reads all);
+        docs: None, or the document_mask() of this tail."""
+        mix = self.resid_mix.to(x.dtype)  # the stream keeps its dtype (see GPT.trunk)
+        x = mix[0] * x + mix[1] * x0
+        ve = self.ve_scale * value_embed if self.ve_scale is not None else None
+        tail = tail or x.size(1)
+        normed = rms_norm(x) * self.input_scale
+        attn = self.attn(normed, ve, tail, docs)
+        x = x[:, x.size(1) - tail:] + self.attn_scale.to(x.dtype) * attn
+        mlp_in = normed[:, normed.size(1) - tail:] if self.parallel else rms_norm(x) * self.input_scale
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(mlp_in)
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token), projected to the model width (PR #198)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.rows = h.bigram_vocab_size
+        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        nn.init.zeros_(tagged(self.embed.weight, "embed"))
+        self.proj = Linear(h, h.bigram_dim, h.model_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
+        self.scale = tagged(nn.Parameter(torch.tensor(0.05)), "control")
+
+    def forward(self, idx: Tensor, starts: Tensor | None = None) -> Tensor:
+        """starts (DOC_MASK): BOS positions, which take the first position's row, as at a sequence start."""
+        rows = bigram_rows(idx, self.rows)
+        if starts is not None:
+            rows = rows.masked_fill(starts, self.rows - 1)
+        return self.scale * self.proj(self.embed(rows))
+
+
+def bigram_rows(idx: Tensor, rows: int) -> Tensor:
+    """Row (36313*t[i] XOR 27191*t[i-1]) mod (rows-1); the first position of a sequence uses rows-1."""
+    hashed = torch.bitwise_xor(36313 * idx[:, 1:], 27191 * idx[:, :-1]) % (rows - 1)
+    return torch.cat([torch.full_like(idx[:, :1], rows - 1), hashed], dim=1)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1}, with a learned per-channel gate g = sigmoid(w), w = 0 at init.
+    SMEAR_GATE=input: g_t = sigmoid(w + x_t . u), the token's own state shifting every channel's gate
+    (u = 0 at init, so it starts as the fixed gate)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.gate = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control")
+        self.shift = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control") if h.smear_gate == "input" else None
+
+    def forward(self, x: Tensor, starts: Tensor | None = None) -> Tensor:
+        """starts (DOC_MASK): BOS positions, which mix in nothing, as a sequence's first position."""
+        logit = self.gate if self.shift is None else self.gate + (x @ self.shift.to(x.dtype)).unsqueeze(-1)
+        g = torch.sigmoid(logit).to(x.dtype)
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if starts is not None:
+            previous = previous.masked_fill(starts[..., None], 0.0)
+        return (1 - g) * x + g * previous
+
+
+class ValueEmbedding(nn.Module):
+    """A second token embedding, projected to the key/value width and added to v in chosen blocks (PR #609)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
+        nn.init.normal_(tagged(self.embed.weight, "embed"), std=0.01)
+        kv_dim = h.num_kv_heads * h.head_dim
+        self.proj = Linear(h, h.ve_dim, kv_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.proj(self.embed(idx))
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters, kernels: Kernels = Kernels()):
+        super().__init__()
+        self.softcap = h.logit_softcap
+        self.residual_bf16 = h.residual_dtype == "bf16"
+        self.doc_mask, self.attn_backend = h.doc_mask, kernels.attention
+        self.loss_fused = kernels.loss == "triton"  # SoftcapCrossEntropy, training only: scoring keeps the plain path
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)  # tied: also the output layer
+        nn.init.normal_(tagged(self.tok_emb.weight, "embed"), std=h.tied_embed_init_std)
+        self.bigram = BigramHash(h) if h.bigram_vocab_size else None
+        self.smear = SmearGate(h)
+        self.value_embed = ValueEmbedding(h) if h.value_embedding_layers() else None
+        self.blocks = nn.ModuleList(Block(h, layer, kernels) for layer in range(h.num_layers))
+        # U-Net: the first half (encoder) pushes its outputs, the decoder pops them in reverse order.
+        self.num_encoder = h.num_layers // 2
+        num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
+        self.skip_weights = tagged(nn.Parameter(torch.ones(num_skips, h.model_dim)), "control")
+        self.recur_layers, self.recur_repeats = h.recurrence_layers(), h.recur_repeats
+        self.recur_on = True  # the final structure; train() holds the repeats back until RECUR_START
+
+    def block_order(self) -> list[tuple[int, bool]]:
+        """(block, first pass?) in running order: the repeats of the looped blocks follow their first
+        pass. A Python value on purpose: torch.compile keeps one graph with the repeats, one without."""
+        order = [(i, True) for i in range(len(self.blocks))]
+        if self.recur_on and self.recur_layers:
+            end = self.recur_layers[-1] + 1
+            order[end:end] = [(i, False) for i in self.recur_layers] * self.recur_repeats
+        return order
+
+    def trunk(self, idx: Tensor, tail: int | None = None) -> Tensor:
+        """The one forward pass shared by training and evaluation: tokens -> final normalised states,
+        of every position or of the last `tail` (then the last block computes only those)."""
+        # DOC_MASK: no position reads one of an earlier document (a document starts at its BOS)
+        starts = idx == BOS_ID if self.doc_mask else None
+        docs = document_mask(idx, idx.size(1), self.attn_backend) if self.doc_mask else None
+        last_docs = document_mask(idx, tail, self.attn_backend) if self.doc_mask and tail not in (None, idx.size(1)) else docs
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx, starts)
+        x = self.smear(rms_norm(x), starts)
+        if self.residual_bf16 and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # halves the traffic of every residual op
+        x0 = x
+        value_embed = self.value_embed(idx) if self.value_embed is not None else None
+        skips, order = [], self.block_order()
+        for n, (i, first) in enumerate(order):  # the U-Net skips join the blocks' first passes
+            block = self.blocks[i]
+            if first and i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            last = n == len(order) - 1
+            x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None, last_docs if last else docs)
+            if first and i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.tok_emb.weight).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over all positions (training)."""
+        if self.loss_fused:
+            z = F.linear(self.trunk(idx), self.tok_emb.weight)
+            return SoftcapCrossEntropy.apply(z.flatten(0, 1), targets.flatten(), self.softcap).mean()
+        logits = self.logits(self.trunk(idx))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def token_nll(self, idx: Tensor, targets: Tensor, tail: int) -> Tensor:
+        """Cross-entropy of each of the last `tail` positions, shape (B, tail) (evaluation)."""
+        logits = self.logits(self.trunk(idx, tail))
+        return F.cross_entropy(logits.flatten(0, 1), targets[:, -tail:].flatten(), reduction="none").view(idx.size(0), tail)
+
+
+def build_model(h: Hyperparameters, kernels: Kernels = Kernels()) -> GPT:
+    """The same construction for training and for scoring a saved artifact; CPU, seeded init."""
+    torch.manual_seed(h.seed)
+    model = GPT(h, kernels)
+    route_parameters(model)
+    return model
+
+
+def set_recurrence(model: GPT, on: bool) -> None:
+    """Run the repeats of RECUR_LAYERS (the final structure) or not (training before RECUR_START)."""
+    model.recur_on = on
+
+
+def set_late_qat(model: nn.Module, on: bool) -> int:
+    """Switch the fake quantizer of every quantized matrix; returns how many there are."""
+    gated = [m for m in model.modules() if isinstance(m, Linear) and m.qat_bits]
+    for module in gated:
+        module.qat_gate.fill_(float(on))
+    return len(gated)
+
+
+# =============================================================================================
+# Kernels: the fused implementations that Kernels selects. Each is tested against the plain torch
+# code of the model section, which stays the reference (tests/triton_kernel_check.py).
+# =============================================================================================
+
+try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
+    from flash_attn_interface import flash_attn_func as fa3_attention
+except ImportError:
+    fa3_attention = None
+try:  # its packed-documents form, for DOC_MASK
+    from flash_attn_interface import flash_attn_varlen_func as fa3_varlen_attention
+except ImportError:
+    fa3_varlen_attention = None
+try:  # FlashAttention-4 (pip install flash-attn-4: CuTe DSL kernels for Hopper and Blackwell)
+    from flash_attn.cute import interface as fa4_interface
+    import importlib.metadata
+    FA4_VERSION = importlib.metadata.version("flash-attn-4")
+except Exception:  # not installed, or a build that cannot load on this machine
+    fa4_interface, FA4_VERSION = None, None
+try:  # Triton ships with PyTorch's CUDA builds: the fused MLP, q/k and XSA kernels (Hopper)
+    import triton
+    import triton.language as tl
+    if not hasattr(tl, "make_tensor_descriptor"):  # before Triton 3.4 (PyTorch 2.8)
+        triton = None
+except ImportError:
+    triton = None
 
 
 if triton is not None:
@@ -1181,73 +1513,6 @@ def _fa4_varlen_backward(ctx, grad: Tensor, grad_lse: Tensor | None) -> tuple:
 fa4_varlen_attention.register_autograd(_fa4_varlen_backward, setup_context=_fa4_varlen_save)
 
 
-def document_mask(idx: Tensor, tail: int, backend: str):
-    """For the last `tail` queries of the rows idx (B, T), what `backend` needs to keep each query to the
-    keys of its own document, at or before it (DOC_MASK). A document starts at each BOS and at a row's
-    start (a window that begins inside a document sees that document's visible part).
-    sdpa: a boolean mask (B, 1, tail, T); flex: a BlockMask (sparse over blocks, so whole blocks of other
-    documents are skipped); fa3, fa4: the rows as one stream of documents, (cu_q, cu_k) int32 of B*T + 1
-    entries: document i's queries and keys start at cu_q[i] and cu_k[i]. One entry per position that may
-    start a document keeps the shape static (one compiled graph); the entries past the last document
-    repeat the stream's end, as empty documents."""
-    B, T = idx.shape
-    starts = idx == BOS_ID
-    if backend in ("fa3", "fa4"):
-        flat = torch.arange(B * T, device=idx.device)
-        first = starts.flatten() | (flat % T == 0)
-        cu_k = torch.cat([torch.where(first, flat, B * T).sort().values, flat.new_full((1,), B * T)])
-        cu_q = cu_k // T * tail + (cu_k % T - (T - tail)).clamp(min=0)  # the queries before each start
-        return cu_q.int(), cu_k.int()
-    doc, offset = starts.cumsum(1), T - tail  # each position's document, counted within its row
-    if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def same_document(b, h, q, kv):
-            return (kv <= q + offset) & (doc[b, q + offset] == doc[b, kv])
-        return create_block_mask(same_document, B, None, tail, T, device=idx.device)
-    causal = torch.ones(tail, T, dtype=torch.bool, device=idx.device).tril(offset)
-    return ((doc[:, None, :] == doc[:, offset:, None]) & causal)[:, None]
-
-
-def document_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs) -> Tensor:
-    """causal_attention within documents: docs = document_mask(idx, Tq, backend) of these rows."""
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    B, Tq, H, D = q.shape
-    T = k.size(1)
-    if backend in ("fa3", "fa4"):
-        cu_q, cu_k = docs
-        q, k, v = q.reshape(B * Tq, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D)
-        if backend == "fa3":
-            out = fa3_varlen_attention(q, k, v, cu_q, cu_k, Tq, T, causal=True)
-            out = out[0] if isinstance(out, tuple) else out
-        else:
-            out = fa4_varlen_attention(q, k, v, cu_q, cu_k, Tq, T)[0]
-        return out.view(B, Tq, H, D)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-        y = flex_attention(q, k, v, block_mask=docs, enable_gqa=k.size(1) != q.size(1))
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=docs, enable_gqa=k.size(1) != q.size(1))
-    return y.transpose(1, 2)
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """q: (B, Tq, H, D), the last Tq of the T positions; k, v: (B, T, Hkv, D), Hkv dividing H.
-    Returns (B, Tq, H, D)."""
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    if backend == "fa3":  # its causal mask is aligned to the last positions
-        out = fa3_attention(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    if backend == "fa4":  # so is FlashAttention-4's
-        return fa4_attention(q, k, v)[0]
-    Tq, T = q.size(1), k.size(1)
-    mask = None if Tq == T else torch.ones(Tq, T, dtype=torch.bool, device=q.device).tril(T - Tq)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=mask is None, enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
-
-
 if triton is not None:
     @triton.jit
     def xsa_kernel(y_ptr, v_ptr, grad_ptr, out_ptr, grad_v_ptr, rows, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
@@ -1306,62 +1571,6 @@ class ExclusiveSelfAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         return xsa(*ctx.saved_tensors, grad)
-
-
-def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA (arXiv:2603.09078, PR #287): remove from each head's output its component along the
-    normalised value vector of the same position. With GQA the query heads of one kv group share
-    that v: y is viewed as (B, T, Hkv, group, D) and v broadcast, with no repeat_interleave or copy."""
-    B, T, H, D = y.shape
-    y = y.view(B, T, v.size(2), H // v.size(2), D)
-    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
-    y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
-    return y.view(B, T, H, D)
-
-
-class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
-        super().__init__()
-        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
-        self.head_dim = h.head_dim
-        kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = Linear(h, h.model_dim, h.model_dim, "attn", "ortho")
-        self.c_k = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
-        self.c_v = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
-        self.proj = Linear(h, h.model_dim, h.model_dim, "attn", "zero")
-        self.q_gain = tagged(nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init)), "control")
-        self.rotary = Rotary(h)
-        self.xsa = layer >= h.num_layers - h.xsa_last_n
-        self.backend = kernels.attention
-        self.qk_fused = kernels.qk == "triton"  # NormRotary
-        self.xsa_fused = kernels.xsa == "triton"  # ExclusiveSelfAttention
-        # Output gate per head, 2 sigmoid(w . x): zero weights make it 1, so a new model computes as ungated.
-        self.gate_channels = {"off": 0, "head": h.model_dim, "sparse": SPARSE_GATE_CHANNELS}[h.attn_gate]
-        if self.gate_channels:
-            self.gate = tagged(nn.Parameter(torch.zeros(h.num_heads, self.gate_channels)), "control")
-
-    def forward(self, x: Tensor, value_embed: Tensor | None, tail: int, docs=None) -> Tensor:
-        """The outputs of the last `tail` positions, attending to all T (or, with docs, to their document's)."""
-        B, T, _ = x.shape
-        q = self.c_q(x[:, T - tail:]).view(B, tail, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if value_embed is not None:
-            v = v + value_embed.view_as(v)
-        if self.qk_fused:
-            q = NormRotary.apply(q, self.q_gain, self.rotary.cos, self.rotary.sin, T - tail)
-            k = NormRotary.apply(k, None, self.rotary.cos, self.rotary.sin, 0)
-        else:
-            q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
-            k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, self.backend, docs)
-        if self.xsa:
-            xsa = ExclusiveSelfAttention.apply if self.xsa_fused else exclusive_self_attention
-            y = xsa(y, v[:, T - tail:])
-        if self.gate_channels:
-            gate = 2 * torch.sigmoid(F.linear(x[:, T - tail:, :self.gate_channels], self.gate.to(x.dtype)))
-            y = y * gate.unsqueeze(-1).to(y.dtype)
-        return self.proj(y.reshape(B, tail, -1))
 
 
 if triton is not None:
@@ -1445,115 +1654,6 @@ def relu2_mlp_fits(h: Hyperparameters) -> bool:
     return h.mlp_act == "relu2" and h.model_dim % 8 == 0 and int(h.mlp_mult * h.model_dim) % 8 == 0
 
 
-class MLP(nn.Module):
-    def __init__(self, h: Hyperparameters, kernels: Kernels):
-        super().__init__()
-        hidden = int(h.mlp_mult * h.model_dim)
-        self.fc = Linear(h, h.model_dim, hidden, "mlp", "ortho")
-        self.proj = Linear(h, hidden, h.model_dim, "mlp", "zero")
-        self.leaky = h.mlp_act == "leaky_relu2"
-        self.fused = kernels.mlp == "triton"  # Relu2MLP
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            weights = (self.fc.forward_weight().to(dtype), self.proj.forward_weight().to(dtype))
-            return Relu2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), *weights).view(*x.shape[:-1], -1)
-        return self.plain(x)
-
-    def plain(self, x: Tensor) -> Tensor:
-        """The torch path: fc and proj called as modules (GPTQ calibration hooks their inputs)."""
-        x = self.fc(x)
-        x = F.leaky_relu(x, 0.5) if self.leaky else F.relu(x)
-        return self.proj(x.square())
-
-
-class Block(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
-        super().__init__()
-        dim = h.model_dim
-        self.attn = Attention(h, layer, kernels)
-        self.mlp = MLP(h, kernels)
-        self.attn_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
-        self.mlp_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
-        self.resid_mix = tagged(nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)])), "control")  # x <- a*x + b*x0
-        self.input_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
-        self.ve_scale = tagged(nn.Parameter(torch.tensor(0.1)), "control") if layer in h.value_embedding_layers() else None
-        self.parallel = 0 < h.parallel_resid_start <= layer  # attention and MLP both read the block's input
-
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, tail: int | None = None, docs=None) -> Tensor:
-        """Outputs of every position, or of the last `tail` only (their attention still reads all);
-        docs: None, or the document_mask() of this tail."""
-        mix = self.resid_mix.to(x.dtype)  # the stream keeps its dtype (see GPT.trunk)
-        x = mix[0] * x + mix[1] * x0
-        ve = self.ve_scale * value_embed if self.ve_scale is not None else None
-        tail = tail or x.size(1)
-        normed = rms_norm(x) * self.input_scale
-        attn = self.attn(normed, ve, tail, docs)
-        x = x[:, x.size(1) - tail:] + self.attn_scale.to(x.dtype) * attn
-        mlp_in = normed[:, normed.size(1) - tail:] if self.parallel else rms_norm(x) * self.input_scale
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(mlp_in)
-
-
-class BigramHash(nn.Module):
-    """Embedding of a hash of (previous token, token), projected to the model width (PR #198)."""
-
-    def __init__(self, h: Hyperparameters):
-        super().__init__()
-        self.rows = h.bigram_vocab_size
-        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
-        nn.init.zeros_(tagged(self.embed.weight, "embed"))
-        self.proj = Linear(h, h.bigram_dim, h.model_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
-        self.scale = tagged(nn.Parameter(torch.tensor(0.05)), "control")
-
-    def forward(self, idx: Tensor, starts: Tensor | None = None) -> Tensor:
-        """starts (DOC_MASK): BOS positions, which take the first position's row, as at a sequence start."""
-        rows = bigram_rows(idx, self.rows)
-        if starts is not None:
-            rows = rows.masked_fill(starts, self.rows - 1)
-        return self.scale * self.proj(self.embed(rows))
-
-
-def bigram_rows(idx: Tensor, rows: int) -> Tensor:
-    """Row (36313*t[i] XOR 27191*t[i-1]) mod (rows-1); the first position of a sequence uses rows-1."""
-    hashed = torch.bitwise_xor(36313 * idx[:, 1:], 27191 * idx[:, :-1]) % (rows - 1)
-    return torch.cat([torch.full_like(idx[:, :1], rows - 1), hashed], dim=1)
-
-
-class SmearGate(nn.Module):
-    """x_t <- (1-g) x_t + g x_{t-1}, with a learned per-channel gate g = sigmoid(w), w = 0 at init.
-    SMEAR_GATE=input: g_t = sigmoid(w + x_t . u), the token's own state shifting every channel's gate
-    (u = 0 at init, so it starts as the fixed gate)."""
-
-    def __init__(self, h: Hyperparameters):
-        super().__init__()
-        self.gate = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control")
-        self.shift = tagged(nn.Parameter(torch.zeros(h.model_dim)), "control") if h.smear_gate == "input" else None
-
-    def forward(self, x: Tensor, starts: Tensor | None = None) -> Tensor:
-        """starts (DOC_MASK): BOS positions, which mix in nothing, as a sequence's first position."""
-        logit = self.gate if self.shift is None else self.gate + (x @ self.shift.to(x.dtype)).unsqueeze(-1)
-        g = torch.sigmoid(logit).to(x.dtype)
-        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
-        if starts is not None:
-            previous = previous.masked_fill(starts[..., None], 0.0)
-        return (1 - g) * x + g * previous
-
-
-class ValueEmbedding(nn.Module):
-    """A second token embedding, projected to the key/value width and added to v in chosen blocks (PR #609)."""
-
-    def __init__(self, h: Hyperparameters):
-        super().__init__()
-        self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
-        nn.init.normal_(tagged(self.embed.weight, "embed"), std=0.01)
-        kv_dim = h.num_kv_heads * h.head_dim
-        self.proj = Linear(h, h.ve_dim, kv_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.proj(self.embed(idx))
-
-
 if triton is not None:
     @triton.jit
     def softcap_ce_kernel(z_ptr, target_ptr, grad_ptr, out_ptr, V, cap, BACKWARD: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -1611,100 +1711,6 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple:
         z, targets = ctx.saved_tensors
         return softcap_ce(z, targets, ctx.cap, grad), None, None
-
-
-class GPT(nn.Module):
-    def __init__(self, h: Hyperparameters, kernels: Kernels = Kernels()):
-        super().__init__()
-        self.softcap = h.logit_softcap
-        self.residual_bf16 = h.residual_dtype == "bf16"
-        self.doc_mask, self.attn_backend = h.doc_mask, kernels.attention
-        self.loss_fused = kernels.loss == "triton"  # SoftcapCrossEntropy, training only: scoring keeps the plain path
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)  # tied: also the output layer
-        nn.init.normal_(tagged(self.tok_emb.weight, "embed"), std=h.tied_embed_init_std)
-        self.bigram = BigramHash(h) if h.bigram_vocab_size else None
-        self.smear = SmearGate(h)
-        self.value_embed = ValueEmbedding(h) if h.value_embedding_layers() else None
-        self.blocks = nn.ModuleList(Block(h, layer, kernels) for layer in range(h.num_layers))
-        # U-Net: the first half (encoder) pushes its outputs, the decoder pops them in reverse order.
-        self.num_encoder = h.num_layers // 2
-        num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
-        self.skip_weights = tagged(nn.Parameter(torch.ones(num_skips, h.model_dim)), "control")
-        self.recur_layers, self.recur_repeats = h.recurrence_layers(), h.recur_repeats
-        self.recur_on = True  # the final structure; train() holds the repeats back until RECUR_START
-
-    def block_order(self) -> list[tuple[int, bool]]:
-        """(block, first pass?) in running order: the repeats of the looped blocks follow their first
-        pass. A Python value on purpose: torch.compile keeps one graph with the repeats, one without."""
-        order = [(i, True) for i in range(len(self.blocks))]
-        if self.recur_on and self.recur_layers:
-            end = self.recur_layers[-1] + 1
-            order[end:end] = [(i, False) for i in self.recur_layers] * self.recur_repeats
-        return order
-
-    def trunk(self, idx: Tensor, tail: int | None = None) -> Tensor:
-        """The one forward pass shared by training and evaluation: tokens -> final normalised states,
-        of every position or of the last `tail` (then the last block computes only those)."""
-        # DOC_MASK: no position reads one of an earlier document (a document starts at its BOS)
-        starts = idx == BOS_ID if self.doc_mask else None
-        docs = document_mask(idx, idx.size(1), self.attn_backend) if self.doc_mask else None
-        last_docs = document_mask(idx, tail, self.attn_backend) if self.doc_mask and tail not in (None, idx.size(1)) else docs
-        x = self.tok_emb(idx)
-        if self.bigram is not None:
-            x = x + self.bigram(idx, starts)
-        x = self.smear(rms_norm(x), starts)
-        if self.residual_bf16 and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # halves the traffic of every residual op
-        x0 = x
-        value_embed = self.value_embed(idx) if self.value_embed is not None else None
-        skips, order = [], self.block_order()
-        for n, (i, first) in enumerate(order):  # the U-Net skips join the blocks' first passes
-            block = self.blocks[i]
-            if first and i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            last = n == len(order) - 1
-            x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None, last_docs if last else docs)
-            if first and i < self.num_encoder:
-                skips.append(x)
-        return rms_norm(x)
-
-    def logits(self, x: Tensor) -> Tensor:
-        logits = F.linear(x, self.tok_emb.weight).float()
-        return self.softcap * torch.tanh(logits / self.softcap)
-
-    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy over all positions (training)."""
-        if self.loss_fused:
-            z = F.linear(self.trunk(idx), self.tok_emb.weight)
-            return SoftcapCrossEntropy.apply(z.flatten(0, 1), targets.flatten(), self.softcap).mean()
-        logits = self.logits(self.trunk(idx))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-    def token_nll(self, idx: Tensor, targets: Tensor, tail: int) -> Tensor:
-        """Cross-entropy of each of the last `tail` positions, shape (B, tail) (evaluation)."""
-        logits = self.logits(self.trunk(idx, tail))
-        return F.cross_entropy(logits.flatten(0, 1), targets[:, -tail:].flatten(), reduction="none").view(idx.size(0), tail)
-
-
-def build_model(h: Hyperparameters, kernels: Kernels = Kernels()) -> GPT:
-    """The same construction for training and for scoring a saved artifact; CPU, seeded init."""
-    torch.manual_seed(h.seed)
-    model = GPT(h, kernels)
-    route_parameters(model)
-    return model
-
-
-def set_recurrence(model: GPT, on: bool) -> None:
-    """Run the repeats of RECUR_LAYERS (the final structure) or not (training before RECUR_START)."""
-    model.recur_on = on
-
-
-def set_late_qat(model: nn.Module, on: bool) -> int:
-    """Switch the fake quantizer of every quantized matrix; returns how many there are."""
-    gated = [m for m in model.modules() if isinstance(m, Linear) and m.qat_bits]
-    for module in gated:
-        module.qat_gate.fill_(float(on))
-    return len(gated)
 
 
 # =============================================================================================
