@@ -26,6 +26,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -972,7 +973,7 @@ class Linear(nn.Module):
         with torch.no_grad():
             self.weight.mul_(gain)
         fmt = export_format(h, role, self.weight.numel())
-        self.qat_bits = fmt[1] if h.late_qat_threshold > 0 and fmt[0] == "int" else 0
+        self.qat_bits = fmt.bits if h.late_qat_threshold > 0 and fmt.encoding == "int" else 0
         if self.qat_bits:
             self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
 
@@ -1961,21 +1962,29 @@ def block_of(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" else None
 
 
-def export_format(h: Hyperparameters, role: str, numel: int, block: int | None = None) -> tuple:
-    """("int", bits, clip) | ("fp16",) | ("fp32",) for a parameter of this role and size (in this block).
+class Format(NamedTuple):
+    """How a tensor is stored: "int" rows of `bits` with one fp16 scale each (clip: see export_format),
+    or "fp16", or "fp32"."""
+    encoding: str
+    bits: int = 0
+    clip: float = 1.0
+
+
+def export_format(h: Hyperparameters, role: str, numel: int, block: int | None = None) -> Format:
+    """The Format of a parameter of this role and size (in this block): int, fp16 or fp32.
     The clip is a quantile of |w| with CLIP=search, a multiple of the row's standard deviation with
     CLIP=std (side projections take the attention's)."""
     category = ROUTES[role][1]
     if category == "control":
-        return ("fp32",)
+        return Format("fp32")
     if numel <= SMALL_TENSOR_NUMEL:
-        return ("fp16",)
+        return Format("fp16")
     bits = {"attn": h.attn_bits, "mlp": h.mlp_bits, "embed": h.embed_bits, "proj": 8}[category]
     if block is not None and category in ("attn", "mlp") and (widths := h.block_bits(category)):
         bits = widths[block]
     if h.clip == "std":
-        return ("int", bits, {"attn": h.clip_std_k_attn, "mlp": h.clip_std_k_mlp, "embed": h.clip_std_k_embed, "proj": h.clip_std_k_attn}[category])
-    return ("int", bits, EMBED_CLIP_QUANTILE if category == "embed" else 1.0)
+        return Format("int", bits, {"attn": h.clip_std_k_attn, "mlp": h.clip_std_k_mlp, "embed": h.clip_std_k_embed, "proj": h.clip_std_k_attn}[category])
+    return Format("int", bits, EMBED_CLIP_QUANTILE if category == "embed" else 1.0)
 
 
 def fp16_steps(magnitude: Tensor, bits: int) -> Tensor:
@@ -2066,7 +2075,7 @@ def gptq_round(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, block: int 
     return q.take_along_dim(order.argsort(dim=-1)[:, None, :], dim=2).to(torch.int8)
 
 
-def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyperparameters,
+def quantize_state(state: dict[str, Tensor], formats: dict[str, Format], h: Hyperparameters,
                    hessians: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """(int8 values, fp16 row scales) of every tensor exported as integers. Embeddings use their fixed
     clip quantile; matrices use QUANT_METHOD: rtn (row max), gptq_lite (best clip per row) or gptq
@@ -2075,9 +2084,9 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
     rounding to nearest. Matrices of one shape are solved together; the work runs where the Hessians are."""
     quantized, batches = {}, {}
     for name, fmt in formats.items():
-        if fmt[0] != "int":
+        if fmt.encoding != "int":
             continue
-        w, bits, clip = state[name], fmt[1], fmt[2]
+        w, bits, clip = state[name], fmt.bits, fmt.clip
         if h.clip == "std":  # the row step is fixed by the row's spread; GPTQ, where there is a Hessian, rounds
             if h.quant_method == "gptq" and name in hessians:
                 batches.setdefault((tuple(w.shape), bits), []).append(name)
@@ -2099,7 +2108,7 @@ def quantize_state(state: dict[str, Tensor], formats: dict[str, tuple], h: Hyper
         H = torch.stack([hessians[n] for n in names])
         w = torch.stack([state[n] for n in names]).to(H.device)
         if h.clip == "std":
-            scale = torch.stack([std_scales(w[i], bits, formats[n][2]) for i, n in enumerate(names)])
+            scale = torch.stack([std_scales(w[i], bits, formats[n].clip) for i, n in enumerate(names)])
         else:
             scale = best_clip_scales(w, bits)
         q = gptq_round(w, H, scale, bits, damp=h.gptq_damp)
@@ -2134,7 +2143,7 @@ def low_rank_correction(w: Tensor, q: Tensor, scale: Tensor, rank: int) -> tuple
     return root * U[:, :rank].T, root * Vh[:rank]
 
 
-def with_low_rank_corrections(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+def with_low_rank_corrections(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
                               hessians: dict[str, Tensor], candidates: list[str], h: Hyperparameters) -> tuple[dict, dict, dict]:
     """State, formats and integers with the LQER factors of the LQER_TENSORS candidates the rounding damaged
     most (rounding_damage) added as int tensors (LQER_BITS, row max), so that they are packed and counted
@@ -2144,7 +2153,7 @@ def with_low_rank_corrections(state: dict[str, Tensor], formats: dict[str, tuple
     for name in sorted(candidates, key=lambda n: -damage[n])[:h.lqer_tensors]:
         for suffix, factor in zip(LQER_SUFFIXES, low_rank_correction(state[name], *quantized[name], h.lqer_rank)):
             state[name + suffix] = factor.contiguous()
-            formats[name + suffix] = ("int", h.lqer_bits, 1.0)
+            formats[name + suffix] = Format("int", h.lqer_bits)
             quantized[name + suffix] = quantize_rows(factor, h.lqer_bits)
     return state, formats, quantized
 
@@ -2165,17 +2174,17 @@ def fold_low_rank_corrections(state: dict[str, Tensor], source: str) -> dict[str
 FP16_MAX = 65504.0
 
 
-def check_storable(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]]) -> None:
+def check_storable(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Stop, naming the tensor, before an artifact would hold a value its storage type cannot: a non-finite
     weight, an fp16 tensor or row scale beyond the fp16 range (it would be stored as inf)."""
     for name, fmt in formats.items():
         w = state[name].float()
         if not bool(torch.isfinite(w).all()):
             problem = f"holds {int((~torch.isfinite(w)).sum())} non-finite values"
-        elif fmt[0] == "fp16" and w.numel() and float(w.abs().max()) > FP16_MAX:
+        elif fmt.encoding == "fp16" and w.numel() and float(w.abs().max()) > FP16_MAX:
             problem = f"has |w| up to {float(w.abs().max()):.3g}, beyond fp16's {FP16_MAX:.0f}"
-        elif fmt[0] == "int" and not bool(torch.isfinite(quantized[name][1].float()).all()):
-            problem = f"has rows whose int{fmt[1]} step is beyond fp16's range (|w| up to {float(w.abs().max()):.3g})"
+        elif fmt.encoding == "int" and not bool(torch.isfinite(quantized[name][1].float()).all()):
+            problem = f"has rows whose int{fmt.bits} step is beyond fp16's range (|w| up to {float(w.abs().max()):.3g})"
         else:
             continue
         raise RunError(f"tensor {name} {problem}: no artifact is written (the weights diverged; lower the learning rates)")
@@ -2185,7 +2194,7 @@ def quantization_targets(model: nn.Module, h: Hyperparameters) -> dict[str, Line
     """The Linear layers whose weights are exported as integers, by parameter name."""
     routes = route_parameters(model)
     return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)
-            and export_format(h, routes[f"{name}.weight"], m.weight.numel(), block_of(name))[0] == "int"}
+            and export_format(h, routes[f"{name}.weight"], m.weight.numel(), block_of(name)).encoding == "int"}
 
 
 @torch.no_grad()
@@ -2195,7 +2204,7 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
     (GPTQ calibration). With GPTQ_EMBED the integer side tables (BigramHash, value embeddings) get the
     Hessian of their projection instead."""
     hessians, hooks = {}, []
-    if h.gptq_embed and export_format(h, "embed", model.tok_emb.weight.numel())[0] == "int":
+    if h.gptq_embed and export_format(h, "embed", model.tok_emb.weight.numel()).encoding == "int":
         H_out = hessians["tok_emb.weight"] = torch.zeros(h.model_dim, h.model_dim, device=rt.device)
 
         def output_inputs(module, args, out):  # the output layer reads rms_norm of the last block's output
@@ -2222,7 +2231,7 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor]], h: Hyperp
     if h.gptq_embed:  # a side table's row error e reaches the residual stream as proj e: Hessian proj^T proj
         tokens = sum(x.numel() for x, _ in batches)
         for prefix, side in (("bigram", model.bigram), ("value_embed", model.value_embed)):
-            if side is not None and export_format(h, "embed", side.embed.weight.numel())[0] == "int":
+            if side is not None and export_format(h, "embed", side.embed.weight.numel()).encoding == "int":
                 P = side.proj.weight.detach().float().to(rt.device)
                 # times a row's mean use in calibration, so that fit_to_budget weighs it like the token-summed ones
                 hessians[f"{prefix}.embed.weight"] = P.T @ P * (tokens / side.embed.weight.size(0))
@@ -2260,7 +2269,7 @@ class Export:
     storage format, the integer tensors (values, fp16 row scales), and the GPTQ Hessians by which
     fit_to_budget weighs what it zeroes."""
     state: dict[str, Tensor]
-    formats: dict[str, tuple]
+    formats: dict[str, Format]
     quantized: dict[str, tuple[Tensor, Tensor]]
     hessians: dict[str, Tensor]
 
@@ -2280,7 +2289,7 @@ ARTIFACT_DTYPES = {"int": np.dtype(np.int8), "fp16": np.dtype("<f2"), "fp32": np
 SCALE_DTYPE = np.dtype("<f2")
 
 
-def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]], config: dict) -> bytes:
+def pack_artifact(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]], config: dict) -> bytes:
     """The uncompressed container: magic, 4-byte header length, a JSON header naming every tensor
     (encoding, shape, byte ranges), then raw little-endian arrays grouped by kind. No pickle."""
     sections: dict[str, list[bytes]] = {"int": [], "scale": [], "fp16": [], "fp32": []}
@@ -2295,11 +2304,11 @@ def pack_artifact(state: dict[str, Tensor], formats: dict[str, tuple], quantized
 
     for name, tensor in state.items():
         fmt = formats[name]
-        entry = {"name": name, "shape": list(tensor.shape), "encoding": fmt[0]}
-        if fmt[0] == "int":
+        entry = {"name": name, "shape": list(tensor.shape), "encoding": fmt.encoding}
+        if fmt.encoding == "int":
             q, scale = quantized[name]
-            entry.update(bits=fmt[1], data=put("int", q.numpy()), scale=put("scale", scale.numpy().astype("<f2")))
-        elif fmt[0] == "fp16":
+            entry.update(bits=fmt.bits, data=put("int", q.numpy()), scale=put("scale", scale.numpy().astype("<f2")))
+        elif fmt.encoding == "fp16":
             entry["data"] = put("fp16", tensor.half().numpy().astype("<f2"))
         else:
             entry["data"] = put("fp32", tensor.float().numpy().astype("<f4"))
@@ -2440,7 +2449,7 @@ def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
 FAST_ZSTD_LEVEL = 3  # for estimates; the artifact itself is always compressed at ZSTD_LEVEL
 
 
-def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
                        hessians: dict[str, Tensor]) -> list[tuple[float, int, str]]:
     """The ways to save bytes a whole tensor at a time, each (damage, bytes saved, name): dropping the
     low-rank correction of `name`, or narrowing the integer matrix `name` (without a correction) by one
@@ -2458,13 +2467,13 @@ def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, tuple], quan
             a, b = (quantized[name + suffix] for suffix in LQER_SUFFIXES)
             damage = now - rounding_damage(w, q, scale, H, dequantize_rows(*a).T @ dequantize_rows(*b))
             moves.append((damage, size(*a) + size(*b), name))
-        elif formats[name][1] > 2:
-            narrow = quantize_rows(w, formats[name][1] - 1)
+        elif formats[name].bits > 2:
+            narrow = quantize_rows(w, formats[name].bits - 1)
             moves.append((rounding_damage(w, *narrow, H) - now, size(q, scale) - size(*narrow), name))
     return [m for m in moves if m[1] > 0]
 
 
-def cheapest_whole_moves(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+def cheapest_whole_moves(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
                          config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[dict, dict, dict, list[str]]:
     """FIT_METHOD=cheapest: the whole-tensor moves (whole_tensor_moves) whose damage per byte is below that
     of zeroing ±1 values, taken in that order while the artifact is over `budget`; fit_to_budget zeroes ±1
@@ -2493,8 +2502,8 @@ def cheapest_whole_moves(state: dict[str, Tensor], formats: dict[str, tuple], qu
                 del state[name + suffix], formats[name + suffix], quantized[name + suffix]
             applied.append(f"dropped {name}'s correction")
         else:
-            bits = formats[name][1] - 1
-            formats[name], quantized[name] = ("int", bits, 1.0), quantize_rows(state[name], bits)
+            bits = formats[name].bits - 1
+            formats[name], quantized[name] = Format("int", bits), quantize_rows(state[name], bits)
             applied.append(f"narrowed {name} to int{bits}")
         over -= saved
     return state, formats, quantized, applied
@@ -2519,7 +2528,7 @@ def plus_minus_one_costs(state: dict[str, Tensor], quantized: dict[str, tuple[Te
     return costs, places
 
 
-def fit_to_budget(state: dict[str, Tensor], formats: dict[str, tuple], quantized: dict[str, tuple[Tensor, Tensor]],
+def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
                   config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[bytes, int]:
     """The compressed artifact, at most `budget` bytes: if needed, quantized +-1 values are set to 0,
     cheapest first (PR #609). The cost of zeroing one is the rise in its squared rounding error,
@@ -3346,6 +3355,43 @@ def self_calibrated_export(model: GPT, h: Hyperparameters, rt: Runtime, log: Run
     return export
 
 
+class TrainingClock:
+    """The training time budget: the clock (paused while validating), the loop's cap (MAX_WALLCLOCK_SECONDS
+    less the export's reserve), and the decisions every rank takes alike, from the step-end times that all
+    ranks agree on (StepRecords delivers them two steps late)."""
+
+    def __init__(self, cap_ms: float, reserve_ms: float):
+        self.cap_ms, self.reserve_ms = cap_ms, reserve_ms
+        self.loop_cap_ms = cap_ms - reserve_ms if cap_ms > 0 else 0.0  # 0: no cap
+        self.training_ms, self.t0 = 0.0, time.perf_counter()  # the time up to the last pause, and since then
+        self.ended_ms = []  # the agreed training time at the end of steps 0, 1, 2, ... as it becomes known
+
+    def now_ms(self) -> float:
+        return self.training_ms + 1000 * (time.perf_counter() - self.t0)
+
+    def pause(self) -> float:
+        """Stop the clock (validation is not training time); returns the training time so far."""
+        self.training_ms = self.now_ms()
+        self.t0 = None
+        return self.training_ms
+
+    def resume(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def estimate(self, step: int) -> tuple[float, float]:
+        """(when step `step` ends, a step's time), extrapolated from the last agreed end; (0, 0) before two are known."""
+        known = len(self.ended_ms) - 1  # the last step whose end all ranks know
+        if known < 1:
+            return 0.0, 0.0
+        step_ms = max(self.ended_ms[-1] / known, self.ended_ms[-1] - self.ended_ms[-2])
+        return self.ended_ms[-1] + (step - known) * step_ms, step_ms
+
+    def out_of_time(self, ends_ms: float, step_ms: float) -> bool:
+        """Whether another step could end past the cap. The next one's end is three steps of extrapolation from
+        figures two steps old, so one more step is kept as a margin (CPU runs overran by a quarter step without it)."""
+        return self.loop_cap_ms > 0 and len(self.ended_ms) >= 2 and ends_ms + 2 * step_ms > self.loop_cap_ms
+
+
 def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperparameters, rt: Runtime, log: RunLog) -> Export:
     """Train until ITERATIONS or the time cap, load the weight average, and quantize for export inside
     the training budget. Returns the Export of quantize_for_export."""
@@ -3399,12 +3445,10 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
 
     opt = Optimizers(model, routes, h, rt, orthogonalize)
     averager = WeightAverager(model, h)
-    loop_cap_ms = cap_ms - reserve_ms if cap_ms > 0 else 0.0
-    step, training_ms, lr_scale, stop, qat_on, ends_ms = 0, 0.0, 1.0, False, False, 0.0
+    step, lr_scale, stop, qat_on, ends_ms = 0, 1.0, False, False, 0.0
     fraction = 0.0  # of the training done (training_fraction), from the agreed step-end times
     seq_len, wd_scale = train_seq_len_at(h, fraction), wd_scale_at(h, fraction)
     records = StepRecords(rt)
-    ended_ms = []  # the agreed training time at the end of steps 0, 1, 2, ... as it becomes known
 
     def accept_record(n: int, figures: list[float], elapsed_ms: float) -> None:
         """Step n's record (its mean train_loss, and when step n-1 ended by the ranks' mean clock):
@@ -3412,23 +3456,20 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         train_loss, previous_ended_ms = figures
         if not math.isfinite(train_loss):
             raise RunError(f"train_loss is {train_loss} at step {n}: stopping (check the data and the learning rates)")
-        ended_ms.append(previous_ended_ms)
+        clock.ended_ms.append(previous_ended_ms)
         if n % h.train_log_every == 0 or n <= 10:
             log(f"step:{n}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / n:.2f}ms")
-
-    def clock_ms() -> float:
-        return training_ms + 1000 * (time.perf_counter() - t0)
 
     batch = loader.next_batch()
     synchronize(rt)
     if rt.distributed:
         dist.barrier()  # the ranks' clocks start together: each checks the cap on its own clock
-    t0 = time.perf_counter()
+    clock = TrainingClock(cap_ms, reserve_ms)
     while True:
         last = stop or step >= h.iterations
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):  # the clock pauses here
             synchronize(rt)
-            training_ms = clock_ms()
+            training_ms = clock.pause()
             if (figures := records.take()) is not None:
                 accept_record(step, figures, training_ms)
             recur_on = model.recur_on
@@ -3437,7 +3478,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
             set_recurrence(model, recur_on)
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
-            t0 = time.perf_counter()
+            clock.resume()
         if last:
             break
         if h.late_qat_threshold > 0 and not qat_on and lr_scale < h.late_qat_threshold:
@@ -3447,7 +3488,7 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         if not model.recur_on and fraction >= h.recur_start:
             set_recurrence(model, True)
             log(f"recurrence: on from step:{step} train_time:{ends_ms:.0f}ms blocks:{h.recur_layers} repeats:{h.recur_repeats}")
-        started_ms = clock_ms()
+        started_ms = clock.now_ms()
         loss = train_step(train_model, opt, as_rows(batch, seq_len), rt, lr_scale, muon_momentum_at(h, step), wd_scale)
         batch = loader.next_batch()  # host work overlaps the GPU running this step
         step += 1
@@ -3456,26 +3497,22 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
         # behind it. On the GPU the previous step ended when take() returned; on the CPU (nothing
         # is queued) or with nothing pending, before this step began.
         figures = records.take()
-        previous_ended_ms = clock_ms() if figures is not None and rt.device.type == "cuda" else started_ms
+        previous_ended_ms = clock.now_ms() if figures is not None and rt.device.type == "cuda" else started_ms
         records.post([loss, previous_ended_ms])
         if figures is not None:
             accept_record(step - 1, figures, previous_ended_ms)
         # Every rank decides from the agreed end times, which lag two steps behind.
-        known = len(ended_ms) - 1  # the last step whose end all ranks know
-        step_ms = max(ended_ms[-1] / known, ended_ms[-1] - ended_ms[-2]) if known >= 1 else 0.0
-        ends_ms = ended_ms[-1] + (step - known) * step_ms if known >= 1 else 0.0  # this step's end, estimated
-        lr_scale = lr_scale_at(h, step, ends_ms, loop_cap_ms)
-        fraction = training_fraction(h, step, ends_ms, loop_cap_ms)
+        ends_ms, step_ms = clock.estimate(step)  # this step's end, estimated
+        lr_scale = lr_scale_at(h, step, ends_ms, clock.loop_cap_ms)
+        fraction = training_fraction(h, step, ends_ms, clock.loop_cap_ms)
         wd_scale = wd_scale_at(h, fraction)
         if (length := train_seq_len_at(h, fraction)) != seq_len:
             seq_len = length
             log(f"train_seq_len: {seq_len} from step:{step} fraction:{fraction:.4f}")
-        # No step may end past the cap. The next one's end is three steps of extrapolation from figures two
-        # steps old, so one more step is kept as a margin (CPU runs overran by a quarter step without it).
-        if loop_cap_ms > 0 and known >= 1 and ends_ms + 2 * step_ms > loop_cap_ms:
+        if clock.out_of_time(ends_ms, step_ms):  # no step may end past the cap
             stop = True
             log(f"stopping_early: wallclock_cap train_time:{ends_ms:.0f}ms (estimated) step:{step}/{h.iterations}: "
-                f"another step could end past {loop_cap_ms:.0f}ms (export quantization reserved {reserve_ms:.0f}ms)")
+                f"another step could end past {clock.loop_cap_ms:.0f}ms (export quantization reserved {reserve_ms:.0f}ms)")
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log(averager.apply())

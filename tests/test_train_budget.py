@@ -76,20 +76,20 @@ def test_diverged_weights_stop_the_run_naming_the_tensor(run):
 
 
 @pytest.mark.parametrize("fmt, value, problem", [
-    (("fp32",), float("nan"), "holds 1 non-finite values"),
-    (("fp16",), float("inf"), "holds 1 non-finite values"),
-    (("fp16",), 70000.0, "has |w| up to 7e+04, beyond fp16's 65504"),
-    (("int", 5, 1.0), 1e7, "has rows whose int5 step is beyond fp16's range"),
+    (tg.Format("fp32"), float("nan"), "holds 1 non-finite values"),
+    (tg.Format("fp16"), float("inf"), "holds 1 non-finite values"),
+    (tg.Format("fp16"), 70000.0, "has |w| up to 7e+04, beyond fp16's 65504"),
+    (tg.Format("int", 5, 1.0), 1e7, "has rows whose int5 step is beyond fp16's range"),
 ])
 def test_values_their_storage_cannot_hold_are_refused(fmt, value, problem):
     w = torch.ones(4, 8)
     w[2, 3] = value
-    state, formats = {"ok": torch.ones(3), "bad": w}, {"ok": ("fp32",), "bad": fmt}
-    quantized = {"bad": tg.quantize_rows(w, fmt[1])} if fmt[0] == "int" else {}
+    state, formats = {"ok": torch.ones(3), "bad": w}, {"ok": tg.Format("fp32"), "bad": fmt}
+    quantized = {"bad": tg.quantize_rows(w, fmt.bits)} if fmt.encoding == "int" else {}
     with pytest.raises(tg.RunError, match=re.escape(f"tensor bad {problem}")):
         tg.check_storable(state, formats, quantized)
-    w[2, 3] = 60000.0 if fmt[0] == "fp16" else 3.0  # storable: no error
-    tg.check_storable(state, formats, {"bad": tg.quantize_rows(w, fmt[1])} if fmt[0] == "int" else {})
+    w[2, 3] = 60000.0 if fmt.encoding == "fp16" else 3.0  # storable: no error
+    tg.check_storable(state, formats, {"bad": tg.quantize_rows(w, fmt.bits)} if fmt.encoding == "int" else {})
 
 
 def test_a_score_that_is_not_finite_fails_the_run():
@@ -169,7 +169,7 @@ def test_an_impossible_target_under_torchrun_is_one_error_line(run):
 def test_rescoring_an_artifact_over_the_cap_is_refused_before_scoring(run):
     """A well-formed artifact whose bytes and the code's exceed 16,000,000: bad input, not a score."""
     noise = torch.randn(4_500_000, generator=torch.Generator().manual_seed(0))  # 18 MB of fp32 that zstd barely shrinks
-    container = tg.pack_artifact({"noise": noise}, {"noise": ("fp32",)}, {}, {})
+    container = tg.pack_artifact({"noise": noise}, {"noise": tg.Format("fp32")}, {}, {})
     path = run.cwd / "big.model.zst"
     path.write_bytes(tg.compress(container, level=1))
     assert path.stat().st_size + tg.CODE_BYTES > tg.SIZE_CAP_BYTES
@@ -178,3 +178,25 @@ def test_rescoring_an_artifact_over_the_cap_is_refused_before_scoring(run):
     assert re.fullmatch(r"error: total submission size \d+ bytes is over the 16,000,000-byte cap by \d+ bytes",
                         result.stderr.strip().splitlines()[-1]), result.stderr
     assert "final_quant" not in result.stdout
+
+
+def test_the_training_clock_extrapolates_agreed_step_ends_and_stops_a_step_early(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
+    clock = tg.TrainingClock(cap_ms=2000.0, reserve_ms=100.0)
+    assert clock.loop_cap_ms == 1900.0 and tg.TrainingClock(0.0, 100.0).loop_cap_ms == 0.0  # 0: no cap
+    now[0] += 0.25
+    assert clock.pause() == pytest.approx(250.0)
+    now[0] += 5.0  # paused: validation is not training time
+    clock.resume()
+    now[0] += 0.05
+    assert clock.now_ms() == pytest.approx(300.0)
+    assert clock.estimate(3) == (0.0, 0.0) and not clock.out_of_time(0.0, 0.0)  # nothing agreed yet
+    clock.ended_ms += [50.0, 100.0, 300.0]  # steps 0, 1, 2 ended then
+    # a step takes the slower of the mean (150) and the last step (200); step 4 ends two steps after step 2
+    assert clock.estimate(4) == (700.0, 200.0) and not clock.out_of_time(700.0, 200.0)
+    assert not clock.out_of_time(*clock.estimate(8))  # 1500 + 2 x 200 = 1900: the next step still fits
+    assert clock.out_of_time(*clock.estimate(9))  # 1700 + 2 x 200 > 1900
+    uncapped = tg.TrainingClock(0.0, 0.0)
+    uncapped.ended_ms += [1.0, 2.0]
+    assert not uncapped.out_of_time(10 ** 9, 1.0)  # no cap: never out of time

@@ -32,17 +32,17 @@ def test_clipped_rows_clip_only_the_outliers():
 def test_export_formats():
     h = tiny_h(attn_bits=5, mlp_bits=4)
     big = tg.SMALL_TENSOR_NUMEL + 1
-    assert tg.export_format(h, "attn", big) == ("int", 5, 1.0)
-    assert tg.export_format(h, "mlp", big) == ("int", 4, 1.0)
-    assert tg.export_format(h, "embed", big) == ("int", 8, tg.EMBED_CLIP_QUANTILE)
-    assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL) == ("fp16",)
-    assert tg.export_format(h, "control", big) == ("fp32",)
+    assert tg.export_format(h, "attn", big) == tg.Format("int", 5, 1.0)
+    assert tg.export_format(h, "mlp", big) == tg.Format("int", 4, 1.0)
+    assert tg.export_format(h, "embed", big) == tg.Format("int", 8, tg.EMBED_CLIP_QUANTILE)
+    assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL) == tg.Format("fp16")
+    assert tg.export_format(h, "control", big) == tg.Format("fp32")
 
 
 def test_round_trip_through_the_compressed_artifact(tmp_path, monkeypatch):
     torch.manual_seed(0)
     state = {"big": torch.randn(300, 256), "small": torch.randn(16, 16), "gain": torch.randn(7), "emb": torch.randn(512, 160)}
-    formats = {"big": ("int", 6, 1.0), "small": ("fp16",), "gain": ("fp32",), "emb": ("int", 8, tg.EMBED_CLIP_QUANTILE)}
+    formats = {"big": tg.Format("int", 6, 1.0), "small": tg.Format("fp16"), "gain": tg.Format("fp32"), "emb": tg.Format("int", 8, tg.EMBED_CLIP_QUANTILE)}
     quantized = tg.quantize_state(state, formats, tg.Hyperparameters(quant_method="rtn"), {})
     container = tg.pack_artifact(state, formats, quantized, {"note": "hello"})
     blob = tg.zstandard.ZstdCompressor(level=3).compress(container)
@@ -71,7 +71,7 @@ def test_corrupt_artifacts_are_refused(tmp_path):
     path.write_bytes(tg.zstandard.ZstdCompressor().compress(b"PK\x03\x04 something else"))
     with pytest.raises(tg.DataError, match="bad magic"):
         tg.load_artifact(path)
-    container = tg.pack_artifact({"w": torch.randn(4, 4)}, {"w": ("fp32",)}, {}, {})
+    container = tg.pack_artifact({"w": torch.randn(4, 4)}, {"w": tg.Format("fp32")}, {}, {})
     path.write_bytes(tg.zstandard.ZstdCompressor().compress(container[:-8]))
     with pytest.raises(tg.DataError, match="truncated or corrupt"):
         tg.load_artifact(path)

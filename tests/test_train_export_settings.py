@@ -37,8 +37,8 @@ def test_std_clip_is_k_row_standard_deviations():
     h = tiny_h(clip="std", quant_method="rtn", clip_std_k_attn=3.0, clip_std_k_mlp=4.0, clip_std_k_embed=5.0)
     big = tg.SMALL_TENSOR_NUMEL + 1
     assert [tg.export_format(h, role, big) for role in ("attn", "mlp", "embed", "proj")] == [
-        ("int", 5, 3.0), ("int", 5, 4.0), ("int", 8, 5.0), ("int", 8, 3.0)]
-    q, scale = tg.quantize_state({"w": w}, {"w": ("int", 6, 3.0)}, h, {})["w"]
+        tg.Format("int", 5, 3.0), tg.Format("int", 5, 4.0), tg.Format("int", 8, 5.0), tg.Format("int", 8, 3.0)]
+    q, scale = tg.quantize_state({"w": w}, {"w": tg.Format("int", 6, 3.0)}, h, {})["w"]
     expected_scale = tg.std_scales(w, 6, 3.0)
     assert torch.equal(scale, expected_scale)
     assert torch.equal(q, torch.clamp(torch.round(w / expected_scale.float()[:, None]), -31, 31).to(torch.int8))
@@ -49,7 +49,7 @@ def test_std_clip_with_gptq_rounds_once_at_the_std_step():
     w, x = correlated_layer(3)
     H = x.T @ x
     h = tiny_h(clip="std", quant_method="gptq", clip_std_k_mlp=4.0)
-    q, scale = tg.quantize_state({"w": w}, {"w": ("int", 5, 4.0)}, h, {"w": H})["w"]
+    q, scale = tg.quantize_state({"w": w}, {"w": tg.Format("int", 5, 4.0)}, h, {"w": H})["w"]
     expected_scale = tg.std_scales(w, 5, 4.0)
     assert torch.equal(scale, expected_scale)
     assert torch.equal(q, tg.gptq_round(w[None], H[None], expected_scale[None], 5, damp=h.gptq_damp)[0])
@@ -66,12 +66,12 @@ def test_layer_bits_set_each_blocks_width():
     export = tg.quantize_for_export(model, [], h, CpuRuntime())
     for block, bits in enumerate((6, 4, 3)):
         for name in (f"blocks.{block}.mlp.fc.weight", f"blocks.{block}.mlp.proj.weight"):
-            assert export.formats[name] == ("int", bits, 1.0)
+            assert export.formats[name] == tg.Format("int", bits, 1.0)
             q, scale = export.quantized[name]
             assert torch.equal(q, tg.quantize_rows(export.state[name], bits)[0])
-    assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL + 1, 2) == ("int", 2, 1.0)
-    assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL + 1) == ("int", 5, 1.0)  # outside a block: ATTN_BITS
-    assert tg.export_format(h, "embed", tg.SMALL_TENSOR_NUMEL + 1, 1) == ("int", 8, tg.EMBED_CLIP_QUANTILE)
+    assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL + 1, 2) == tg.Format("int", 2, 1.0)
+    assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL + 1) == tg.Format("int", 5, 1.0)  # outside a block: ATTN_BITS
+    assert tg.export_format(h, "embed", tg.SMALL_TENSOR_NUMEL + 1, 1) == tg.Format("int", 8, tg.EMBED_CLIP_QUANTILE)
 
 
 # ---- LQER
@@ -79,7 +79,7 @@ def test_layer_bits_set_each_blocks_width():
 def lqer_export(rank=4, tensors=2, bits=6):
     torch.manual_seed(1)
     state = {f"m{i}": torch.randn(96 + 32 * i, 160) * (0.02 + 0.01 * i) for i in range(3)} | {"g": torch.ones(5)}
-    formats = {n: ("int", 4, 1.0) for n in state if n != "g"} | {"g": ("fp32",)}
+    formats = {n: tg.Format("int", 4, 1.0) for n in state if n != "g"} | {"g": tg.Format("fp32")}
     h = tiny_h(quant_method="rtn", lqer_rank=rank, lqer_tensors=tensors, lqer_bits=bits)
     quantized = tg.quantize_state(state, formats, h, {})
     return state, formats, quantized, h
@@ -100,7 +100,7 @@ def test_lqer_corrects_the_most_damaged_matrices_by_the_stored_low_rank_product(
             assert torch.equal(loaded[name], plain)
             continue
         a, b = tg.dequantize_rows(*q2[name + ".lqer_a"]), tg.dequantize_rows(*q2[name + ".lqer_b"])
-        assert a.shape == (4, state[name].size(0)) and b.shape == (4, 160) and f2[name + ".lqer_b"] == ("int", 6, 1.0)
+        assert a.shape == (4, state[name].size(0)) and b.shape == (4, 160) and f2[name + ".lqer_b"] == tg.Format("int", 6, 1.0)
         assert q2[name + ".lqer_a"][0].abs().max() == 31  # LQER_BITS=6: the factors use the int6 range
         torch.testing.assert_close(loaded[name], plain + a.T @ b, rtol=0, atol=1e-6)
         # the stored factors approximate the best rank-4 correction of the error
@@ -258,7 +258,7 @@ def test_the_script_refuses_bad_export_settings_in_one_line(run, settings, text)
 def two_corrected_matrices():
     torch.manual_seed(2)
     state = {"m0": torch.randn(128, 256) * 0.02, "m1": torch.randn(128, 256) * 0.02}
-    formats = {"m0": ("int", 8, 1.0), "m1": ("int", 3, 1.0)}
+    formats = {"m0": tg.Format("int", 8, 1.0), "m1": tg.Format("int", 3, 1.0)}
     h = tiny_h(quant_method="rtn", lqer_rank=8, lqer_tensors=2)
     quantized = tg.quantize_state(state, formats, h, {})
     return tg.with_low_rank_corrections(state, formats, quantized, {}, ["m0", "m1"], h)

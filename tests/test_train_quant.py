@@ -56,7 +56,7 @@ def test_gptq_lite_chooses_the_clip_per_row():
 def random_export(bits=6):
     torch.manual_seed(0)
     state = {"a": torch.randn(512, 512) * 0.02, "b": torch.randn(256, 768) * 0.02, "g": torch.ones(16)}
-    formats = {"a": ("int", bits, 1.0), "b": ("int", bits, 1.0), "g": ("fp32",)}
+    formats = {"a": tg.Format("int", bits, 1.0), "b": tg.Format("int", bits, 1.0), "g": tg.Format("fp32")}
     quantized = tg.quantize_state(state, formats, tg.Hyperparameters(quant_method="rtn"), {})
     return state, formats, quantized
 
@@ -125,7 +125,7 @@ def test_gptq_rounds_the_tied_embedding_against_its_output_inputs():
     torch.testing.assert_close(hessians["tok_emb.weight"], expected.T @ expected, rtol=1e-4, atol=1e-4)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     formats = {k: tg.export_format(h, tg.route_parameters(model)[k], v.numel()) for k, v in state.items()}
-    assert formats["tok_emb.weight"] == ("int", 7, tg.EMBED_CLIP_QUANTILE)
+    assert formats["tok_emb.weight"] == tg.Format("int", 7, tg.EMBED_CLIP_QUANTILE)
     with torch.no_grad():
         inputs = model.trunk(x[0])[0]
     w = state["tok_emb.weight"].float()

@@ -230,11 +230,11 @@ def test_new_parameters_are_control_tensors_routed_once():
     new = set(routes) - set(plain)
     assert new == {"smear.shift", *(f"blocks.{i}.attn.gate" for i in range(3))}
     for name in new:
-        assert routes[name] == "control" and tg.export_format(h, routes[name], 1) == ("fp32",)
+        assert routes[name] == "control" and tg.export_format(h, routes[name], 1) == tg.Format("fp32")
     export = tg.quantize_for_export(model, [], h, tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"),
                                                                  compile=False, micro_batch_seqs=1))
     for name in new:
-        assert export.formats[name] == ("fp32",) and name not in export.quantized
+        assert export.formats[name] == tg.Format("fp32") and name not in export.quantized
 
 
 # ---------------------------------------------------------------------------------------------
