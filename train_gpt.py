@@ -26,7 +26,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -956,12 +956,21 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+# Late QAT's width for a matrix, given its role and size (0: no fake quantization). The model is given it
+# (late_qat_widths of the export section: a matrix trains against the grid it is exported on).
+QatWidths = Callable[[str, int], int]
+
+
+def no_qat(role: str, numel: int) -> int:
+    return 0
+
+
 class Linear(nn.Module):
     """x @ W^T with an fp32 master weight (matmuls run in bf16 under autocast). With late QAT the
     weight goes through the export's per-row fake quantizer once its `qat_gate` buffer is set to 1:
     a tensor, not a Python flag, so the switch takes effect inside an already compiled graph."""
 
-    def __init__(self, h: Hyperparameters, in_features: int, out_features: int, role: str, init: str, gain: float = 1.0):
+    def __init__(self, in_features: int, out_features: int, role: str, init: str, qat: QatWidths, gain: float = 1.0):
         super().__init__()
         self.weight = tagged(nn.Parameter(torch.empty(out_features, in_features)), role)
         if init == "zero":
@@ -972,8 +981,7 @@ class Linear(nn.Module):
             nn.init.uniform_(self.weight, -in_features ** -0.5, in_features ** -0.5)
         with torch.no_grad():
             self.weight.mul_(gain)
-        fmt = export_format(h, role, self.weight.numel())
-        self.qat_bits = fmt.bits if h.late_qat_threshold > 0 and fmt.encoding == "int" else 0
+        self.qat_bits = qat(role, self.weight.numel())
         if self.qat_bits:
             self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
 
@@ -1086,15 +1094,15 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
+    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels, qat: QatWidths):
         super().__init__()
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.head_dim
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = Linear(h, h.model_dim, h.model_dim, "attn", "ortho")
-        self.c_k = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
-        self.c_v = Linear(h, h.model_dim, kv_dim, "attn", "ortho")
-        self.proj = Linear(h, h.model_dim, h.model_dim, "attn", "zero")
+        self.c_q = Linear(h.model_dim, h.model_dim, "attn", "ortho", qat)
+        self.c_k = Linear(h.model_dim, kv_dim, "attn", "ortho", qat)
+        self.c_v = Linear(h.model_dim, kv_dim, "attn", "ortho", qat)
+        self.proj = Linear(h.model_dim, h.model_dim, "attn", "zero", qat)
         self.q_gain = tagged(nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init)), "control")
         self.rotary = Rotary(h)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
@@ -1131,11 +1139,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, h: Hyperparameters, kernels: Kernels):
+    def __init__(self, h: Hyperparameters, kernels: Kernels, qat: QatWidths):
         super().__init__()
         hidden = int(h.mlp_mult * h.model_dim)
-        self.fc = Linear(h, h.model_dim, hidden, "mlp", "ortho")
-        self.proj = Linear(h, hidden, h.model_dim, "mlp", "zero")
+        self.fc = Linear(h.model_dim, hidden, "mlp", "ortho", qat)
+        self.proj = Linear(hidden, h.model_dim, "mlp", "zero", qat)
         self.leaky = h.mlp_act == "leaky_relu2"
         self.fused = kernels.mlp == "triton"  # Relu2MLP
 
@@ -1154,11 +1162,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels):
+    def __init__(self, h: Hyperparameters, layer: int, kernels: Kernels, qat: QatWidths):
         super().__init__()
         dim = h.model_dim
-        self.attn = Attention(h, layer, kernels)
-        self.mlp = MLP(h, kernels)
+        self.attn = Attention(h, layer, kernels, qat)
+        self.mlp = MLP(h, kernels, qat)
         self.attn_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
         self.mlp_scale = tagged(nn.Parameter(torch.ones(dim)), "control")
         self.resid_mix = tagged(nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)])), "control")  # x <- a*x + b*x0
@@ -1183,12 +1191,12 @@ class Block(nn.Module):
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous token, token), projected to the model width (PR #198)."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, qat: QatWidths = no_qat):
         super().__init__()
         self.rows = h.bigram_vocab_size
         self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
         nn.init.zeros_(tagged(self.embed.weight, "embed"))
-        self.proj = Linear(h, h.bigram_dim, h.model_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
+        self.proj = Linear(h.bigram_dim, h.model_dim, "proj", "ortho", qat, gain=(2 * h.num_layers) ** -0.5)
         self.scale = tagged(nn.Parameter(torch.tensor(0.05)), "control")
 
     def forward(self, idx: Tensor, starts: Tensor | None = None) -> Tensor:
@@ -1228,19 +1236,19 @@ class SmearGate(nn.Module):
 class ValueEmbedding(nn.Module):
     """A second token embedding, projected to the key/value width and added to v in chosen blocks (PR #609)."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, qat: QatWidths = no_qat):
         super().__init__()
         self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
         nn.init.normal_(tagged(self.embed.weight, "embed"), std=0.01)
         kv_dim = h.num_kv_heads * h.head_dim
-        self.proj = Linear(h, h.ve_dim, kv_dim, "proj", "ortho", gain=(2 * h.num_layers) ** -0.5)
+        self.proj = Linear(h.ve_dim, kv_dim, "proj", "ortho", qat, gain=(2 * h.num_layers) ** -0.5)
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.proj(self.embed(idx))
 
 
 class GPT(nn.Module):
-    def __init__(self, h: Hyperparameters, kernels: Kernels = Kernels()):
+    def __init__(self, h: Hyperparameters, kernels: Kernels = Kernels(), qat: QatWidths = no_qat):
         super().__init__()
         self.softcap = h.logit_softcap
         self.residual_bf16 = h.residual_dtype == "bf16"
@@ -1248,10 +1256,10 @@ class GPT(nn.Module):
         self.loss_fused = kernels.loss == "triton"  # SoftcapCrossEntropy, training only: scoring keeps the plain path
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)  # tied: also the output layer
         nn.init.normal_(tagged(self.tok_emb.weight, "embed"), std=h.tied_embed_init_std)
-        self.bigram = BigramHash(h) if h.bigram_vocab_size else None
+        self.bigram = BigramHash(h, qat) if h.bigram_vocab_size else None
         self.smear = SmearGate(h)
-        self.value_embed = ValueEmbedding(h) if h.value_embedding_layers() else None
-        self.blocks = nn.ModuleList(Block(h, layer, kernels) for layer in range(h.num_layers))
+        self.value_embed = ValueEmbedding(h, qat) if h.value_embedding_layers() else None
+        self.blocks = nn.ModuleList(Block(h, layer, kernels, qat) for layer in range(h.num_layers))
         # U-Net: the first half (encoder) pushes its outputs, the decoder pops them in reverse order.
         self.num_encoder = h.num_layers // 2
         num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
@@ -1315,7 +1323,7 @@ class GPT(nn.Module):
 def build_model(h: Hyperparameters, kernels: Kernels = Kernels()) -> GPT:
     """The same construction for training and for scoring a saved artifact; CPU, seeded init."""
     torch.manual_seed(h.seed)
-    model = GPT(h, kernels)
+    model = GPT(h, kernels, late_qat_widths(h))
     route_parameters(model)
     return model
 
@@ -1960,6 +1968,14 @@ def block_of(name: str) -> int | None:
     """The block index of a parameter name (blocks.<i>. ...), None outside the blocks."""
     parts = name.split(".")
     return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def late_qat_widths(h: Hyperparameters) -> QatWidths:
+    """With LATE_QAT_THRESHOLD > 0, each integer-exported matrix fake-quantizes to its export width."""
+    def width(role: str, numel: int) -> int:
+        fmt = export_format(h, role, numel)
+        return fmt.bits if h.late_qat_threshold > 0 and fmt.encoding == "int" else 0
+    return width
 
 
 class Format(NamedTuple):
