@@ -62,3 +62,19 @@ def run(tmp_path, tiny_corpus):
         return run_script(tmp_path, tiny_corpus, nproc=nproc, **settings)
     runner.cwd = tmp_path
     return runner
+
+
+FINAL_EXACT = ("final_quant_roundtrip_exact", "final_quant_sliding_window_exact")
+
+
+def final_lines(text: str) -> list[str]:
+    """The run's exact final lines (round trip, then sliding window)."""
+    return [line for line in text.splitlines() if line.startswith(FINAL_EXACT)]
+
+
+@pytest.fixture(scope="session")
+def plain_run(tmp_path_factory, tiny_corpus):
+    """The final lines of the tiny run with the defaults, against which a setting's run is compared."""
+    result = run_script(tmp_path_factory.mktemp("plain"), tiny_corpus, RUN_ID="plain")
+    assert result.returncode == 0, result.stderr
+    return final_lines(result.stdout)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import gloo_ranks
+from conftest import final_lines, gloo_ranks
 from test_train_model import tiny_h
 
 
@@ -327,21 +327,6 @@ def test_train_follows_the_length_schedule_the_lr_floor_and_the_wd_taper(tmp_pat
 
 # Through the script: each variant changes the final score of the tiny run, and its artifact re-scores to the
 # same final lines (none of them is stored: they change how the weights are trained, not the model).
-FINAL_EXACT = ("final_quant_roundtrip_exact", "final_quant_sliding_window_exact")
-
-
-def final_lines(text):
-    return [line for line in text.splitlines() if line.startswith(FINAL_EXACT)]
-
-
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory, tiny_corpus):
-    from conftest import run_script
-    result = run_script(tmp_path_factory.mktemp("plain"), tiny_corpus, RUN_ID="plain")
-    assert result.returncode == 0, result.stderr
-    return final_lines(result.stdout)
-
-
 @pytest.mark.parametrize("settings", [
     dict(MUON_ROW_NORM="1"), dict(MUON_NS="polar"), dict(MIN_LR="0.3"), dict(WD_TAPER="0.5@0.5"),
     dict(TRAIN_SEQ_SCHEDULE="32@0,64@0.5"),

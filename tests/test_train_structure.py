@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import train_gpt as tg
+from conftest import final_lines
 from test_train_features import VOCAB, StubEvaluator, close, give_weight, ref_attention, rms, tiny_h
 
 
@@ -278,21 +279,6 @@ def test_a_bad_structure_setting_stops_the_script_with_one_line(run):
 # ---------------------------------------------------------------------------------------------
 # End to end: each setting changes the score, and the artifact re-scores to the same lines
 # ---------------------------------------------------------------------------------------------
-
-EXACT = ("final_quant_roundtrip_exact", "final_quant_sliding_window_exact")
-
-
-def final_lines(text):
-    return [re.search(rf"^{prefix} .*$", text, re.M).group(0) for prefix in EXACT]
-
-
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory, tiny_corpus):
-    from conftest import run_script
-    result = run_script(tmp_path_factory.mktemp("plain"), tiny_corpus, RUN_ID="plain")
-    assert result.returncode == 0, result.stderr
-    return final_lines(result.stdout)
-
 
 @pytest.mark.parametrize("settings", [
     dict(RECUR_LAYERS="0", RECUR_REPEATS="2", RECUR_START="0.5"),
