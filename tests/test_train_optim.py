@@ -67,20 +67,27 @@ def test_sharded_step_equals_single_process(tmp_path):
         torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_muon_update_has_the_scheduled_size_and_decay():
-    h = tiny_h(num_layers=2, grad_clip_norm=0.0, muon_wd=0.5, matrix_lr=0.1)
+def muon_step(wd_scale=None, **settings):
+    """One Muon step (lr scale 0.5, no momentum) of a 2-block model on random gradients: (fc weight before, its
+    gradient, after). The fc matrix is (192, 64), so its update is scaled by sqrt(192 / 64)."""
+    h = tiny_h(num_layers=2, grad_clip_norm=0.0, muon_wd=0.5, matrix_lr=0.1, **settings)
     model = tg.build_model(h)
     rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
     opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, tg.newton_schulz)
-    w = model.blocks[0].mlp.fc.weight  # (192, 64): update scaled by sqrt(192 / 64)
+    w = model.blocks[0].mlp.fc.weight
     before = w.detach().clone()
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     grad = w.grad.clone()
-    opt.step(lr_scale=0.5, momentum=0.0)
+    opt.step(lr_scale=0.5, momentum=0.0, **({} if wd_scale is None else {"wd_scale": wd_scale}))
+    return before, grad, w.detach()
+
+
+def test_muon_update_has_the_scheduled_size_and_decay():
+    before, grad, after = muon_step()
     lr = 0.1 * 0.5
     expected = before * (1 - lr * 0.5) - lr * (tg.newton_schulz(grad[None], 5) * 3 ** 0.5)[0].float()
-    torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_clipping_scales_by_the_global_norm():
@@ -235,19 +242,10 @@ def test_row_norm_gives_every_row_unit_norm_before_the_iteration(shape):
 
 
 def test_muon_step_uses_the_chosen_orthogonalisation_and_the_tapered_decay():
-    h = tiny_h(num_layers=2, grad_clip_norm=0.0, muon_wd=0.5, matrix_lr=0.1, muon_row_norm=True, muon_ns="polar")
-    model = tg.build_model(h)
-    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), micro_batch_seqs=1, compile=False)
-    opt = tg.Optimizers(model, tg.route_parameters(model), h, rt, tg.newton_schulz)
-    w = model.blocks[0].mlp.fc.weight  # (192, 64): update scaled by sqrt(192 / 64)
-    before = w.detach().clone()
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    grad = w.grad.clone()
-    opt.step(lr_scale=0.5, momentum=0.0, wd_scale=0.3)
+    before, grad, after = muon_step(wd_scale=0.3, muon_row_norm=True, muon_ns="polar")
     lr = 0.1 * 0.5
     expected = before * (1 - lr * 0.5 * 0.3) - lr * (tg.newton_schulz(grad[None], 5, "polar", True) * 3 ** 0.5)[0].float()
-    torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_schedule_helpers():
