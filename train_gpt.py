@@ -2947,9 +2947,16 @@ class TestTimeTraining:
 
     def run(self) -> tuple[float, float, float, Tensor]:
         """(val_loss, val_bpb, eval milliseconds, each document's (nats, targets, bytes) summed over the ranks)."""
-        h, rt = self.h, self.rt
-        synchronize(rt)
+        synchronize(self.rt)
         t0 = time.perf_counter()
+        documents = self.score_and_adapt()
+        loss_sum, tokens, n_bytes = documents.sum(0).tolist()
+        synchronize(self.rt)
+        return loss_sum / tokens, loss_sum / (math.log(2) * n_bytes), 1000 * (time.perf_counter() - t0), documents
+
+    def score_and_adapt(self) -> Tensor:
+        """The one left-to-right pass: each document's (nats, targets, bytes), summed over the ranks."""
+        h, rt = self.h, self.rt
         n_docs = len(self.lengths)
         documents = torch.zeros(n_docs, 3, dtype=torch.float64, device=rt.device)
         for phase in range(h.ttt_phases + 1):
@@ -2961,9 +2968,7 @@ class TestTimeTraining:
                 self._global_sgd(docs)
         if rt.distributed:
             dist.all_reduce(documents)  # each document was scored on one rank: the others add zeros
-        loss_sum, tokens, n_bytes = documents.sum(0).tolist()
-        synchronize(rt)
-        return loss_sum / tokens, loss_sum / (math.log(2) * n_bytes), 1000 * (time.perf_counter() - t0), documents
+        return documents
 
     def prime(self) -> float:
         """With COMPILE: one whole pass over synthetic documents (BOS, then token 0), which compiles every graph
@@ -2975,7 +2980,7 @@ class TestTimeTraining:
             synthetic = torch.zeros(max(2, self.h.ttt_phases + 1) * self.rt.world_size, length, dtype=tokens.dtype, device=tokens.device)
             synthetic[:, 0] = BOS_ID
             self.use_tokens(synthetic.flatten()[:len(tokens)])
-            self.run()
+            self.score_and_adapt()  # the synthetic tokens may have no bytes: no score is formed
             self.model.load_state_dict(state)
             self.use_tokens(tokens)
             synchronize(self.rt)

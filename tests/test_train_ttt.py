@@ -265,3 +265,21 @@ def test_a_ttt_score_that_is_not_finite_fails_the_run():
     with pytest.raises(tg.RunError, match=r"the TTT score is val_loss:nan val_bpb:nan: the adapted model's outputs are not finite"):
         tg.log_final_scores(lines.append, tg.Evaluator(model, h, cpu(), stream(documents(9, LENGTHS)), tables), h)
     assert len(lines) == 4 and not any(line.startswith("final_ttt") for line in lines)
+
+
+def test_priming_runs_on_synthetic_documents_and_restores_the_weights():
+    """prime() (with COMPILE; here the graphs stay eager) passes over documents of BOS and token 0, pieces of
+    no bytes in the SentencePiece models, then the pass scores exactly as without it (global phases included,
+    which change the weights)."""
+    tokens = stream(documents(3, LENGTHS))
+    scores = []
+    for primed in (False, True):
+        h, model, tables = setup(ttt_phases=1)
+        tables = tg.ByteTables(tables.base_bytes.clone(), tables.leading_space, tables.boundary)
+        tables.base_bytes[[0, tg.BOS_ID]] = 0
+        ttt = tg.TestTimeTraining(tg.Evaluator(model, h, cpu(), tokens, tables))
+        if primed:
+            ttt.rt = tg.replace(ttt.rt, compile=True)
+            assert ttt.prime() > 0
+        scores.append(ttt.run()[:2])
+    assert scores[0] == scores[1]
