@@ -1107,8 +1107,8 @@ class Attention(nn.Module):
         self.rotary = Rotary(h)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
         self.backend = kernels.attention
-        self.qk_fused = kernels.qk == "triton"  # NormRotary
-        self.xsa_fused = kernels.xsa == "triton"  # ExclusiveSelfAttention
+        self.qk_fused = kernels.qk == "triton"  # norm_rotary
+        self.xsa_fused = kernels.xsa == "triton"  # xsa, the custom op
         # Output gate per head, 2 sigmoid(w . x): zero weights make it 1, so a new model computes as ungated.
         self.gate_channels = {"off": 0, "head": h.model_dim, "sparse": SPARSE_GATE_CHANNELS}[h.attn_gate]
         if self.gate_channels:
@@ -1123,15 +1123,14 @@ class Attention(nn.Module):
         if value_embed is not None:
             v = v + value_embed.view_as(v)
         if self.qk_fused:
-            q = NormRotary.apply(q, self.q_gain, self.rotary.cos, self.rotary.sin, T - tail)
-            k = NormRotary.apply(k, None, self.rotary.cos, self.rotary.sin, 0)
+            q = norm_rotary(q, self.q_gain, self.rotary.cos, self.rotary.sin, T - tail)
+            k = norm_rotary(k, None, self.rotary.cos, self.rotary.sin, 0)
         else:
             q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
             k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, self.backend, docs)
         if self.xsa:
-            xsa = ExclusiveSelfAttention.apply if self.xsa_fused else exclusive_self_attention
-            y = xsa(y, v[:, T - tail:])
+            y = (xsa if self.xsa_fused else exclusive_self_attention)(y, v[:, T - tail:])
         if self.gate_channels:
             gate = 2 * torch.sigmoid(F.linear(x[:, T - tail:, :self.gate_channels], self.gate.to(x.dtype)))
             y = y * gate.unsqueeze(-1).to(y.dtype)
@@ -1145,13 +1144,13 @@ class MLP(nn.Module):
         self.fc = Linear(h.model_dim, hidden, "mlp", "ortho", qat)
         self.proj = Linear(hidden, h.model_dim, "mlp", "zero", qat)
         self.leaky = h.mlp_act == "leaky_relu2"
-        self.fused = kernels.mlp == "triton"  # Relu2MLP
+        self.fused = kernels.mlp == "triton"  # relu2_mlp
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             weights = (self.fc.forward_weight().to(dtype), self.proj.forward_weight().to(dtype))
-            return Relu2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), *weights).view(*x.shape[:-1], -1)
+            return relu2_mlp(x.reshape(-1, x.size(-1)).to(dtype), *weights)[0].view(*x.shape[:-1], -1)
         return self.plain(x)
 
     def plain(self, x: Tensor) -> Tensor:
@@ -1253,7 +1252,7 @@ class GPT(nn.Module):
         self.softcap = h.logit_softcap
         self.residual_bf16 = h.residual_dtype == "bf16"
         self.doc_mask, self.attn_backend = h.doc_mask, kernels.attention
-        self.loss_fused = kernels.loss == "triton"  # SoftcapCrossEntropy, training only: scoring keeps the plain path
+        self.loss_fused = kernels.loss == "triton"  # softcap_ce, training only: scoring keeps the plain path
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)  # tied: also the output layer
         nn.init.normal_(tagged(self.tok_emb.weight, "embed"), std=h.tied_embed_init_std)
         self.bigram = BigramHash(h, qat) if h.bigram_vocab_size else None
@@ -1310,7 +1309,7 @@ class GPT(nn.Module):
         """Mean cross-entropy over all positions (training)."""
         if self.loss_fused:
             z = F.linear(self.trunk(idx), self.tok_emb.weight)
-            return SoftcapCrossEntropy.apply(z.flatten(0, 1), targets.flatten(), self.softcap).mean()
+            return softcap_ce(z.flatten(0, 1), targets.flatten(), self.softcap).mean()
         logits = self.logits(self.trunk(idx))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
@@ -1408,8 +1407,7 @@ if triton is not None:
         tl.store(out_ptr + past, y3.to(out_ptr.dtype.element_ty), mask=pm)
 
 
-@torch.library.custom_op("golf::norm_rotary", mutates_args=())
-def norm_rotary(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+def launch_norm_rotary(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int, grad: Tensor | None) -> tuple[Tensor, Tensor]:
     """norm_rotary_kernel on x: (B, T, H, D) at positions start, start+1, ...: (out, empty), or with grad
     (x's gradient, gain's gradient term per row of D)."""
     x = x.contiguous()
@@ -1425,28 +1423,43 @@ def norm_rotary(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start:
     return out, gain_grad
 
 
+@torch.library.custom_op("golf::norm_rotary", mutates_args=())
+def norm_rotary(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int) -> Tensor:
+    """rotary(rms_norm(x)) * gain[head] (gain may be None) for x (B, T, H, D) at positions start, start+1, ...,
+    in one kernel each way, computed in fp32. Inductor's kernels for the same ran at about half the memory
+    bandwidth; the backward recomputes the normalised x from x instead of reading a stored copy."""
+    return launch_norm_rotary(x, gain, cos, sin, start, None)[0]
+
+
 @norm_rotary.register_fake
-def _(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int, grad: Tensor | None) -> tuple[Tensor, Tensor]:
-    rows = x.numel() // x.size(-1) if grad is not None and gain is not None else 0
-    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32)
+def _(x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int) -> Tensor:
+    return torch.empty_like(x)
 
 
-class NormRotary(torch.autograd.Function):
-    """rotary(rms_norm(x)) * gain[head] (gain may be None) in one kernel each way, computed in fp32.
-    Inductor's kernels for the same ran at about half the memory bandwidth; the backward recomputes
-    the normalised x from x instead of reading a stored copy."""
+@torch.library.custom_op("golf::norm_rotary_backward", mutates_args=())
+def norm_rotary_backward(grad: Tensor, x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """norm_rotary's gradient at x given grad at its output, and gain's gradient term of each row of D channels
+    (float32; empty without gain)."""
+    return launch_norm_rotary(x, gain, cos, sin, start, grad)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int) -> Tensor:
-        ctx.save_for_backward(x, gain, cos, sin)
-        ctx.start = start
-        return norm_rotary(x, gain, cos, sin, start, None)[0]
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple:
-        x, gain, cos, sin = ctx.saved_tensors
-        grad_x, gain_terms = norm_rotary(x, gain, cos, sin, ctx.start, grad)
-        return grad_x, None if gain is None else gain_terms.view(-1, x.size(2)).sum(0), None, None, None
+@norm_rotary_backward.register_fake
+def _(grad: Tensor, x: Tensor, gain: Tensor | None, cos: Tensor, sin: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.numel() // x.size(-1) if gain is not None else 0, dtype=torch.float32)
+
+
+def _norm_rotary_save(ctx, inputs: tuple, output: Tensor) -> None:
+    x, gain, cos, sin, ctx.start = inputs
+    ctx.save_for_backward(x, gain, cos, sin)
+
+
+def _norm_rotary_grads(ctx, grad: Tensor) -> tuple:
+    x, gain, cos, sin = ctx.saved_tensors
+    grad_x, gain_terms = norm_rotary_backward(grad, x, gain, cos, sin, ctx.start)
+    return grad_x, None if gain is None else gain_terms.view(-1, x.size(2)).sum(0), None, None, None  # rows of a head summed
+
+
+norm_rotary.register_autograd(_norm_rotary_grads, setup_context=_norm_rotary_save)
 
 
 @torch.library.custom_op("golf::fa4_attention", mutates_args=())
@@ -1550,8 +1563,7 @@ if triton is not None:
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=ym)
 
 
-@torch.library.custom_op("golf::xsa", mutates_args=())
-def xsa(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+def launch_xsa(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
     """xsa_kernel: (exclusive_self_attention(y, v), empty), or with grad (y's gradient, v's gradient)."""
     y, v = y.contiguous(), v.contiguous()
     rows, D = v.numel() // v.size(-1), v.size(-1)
@@ -1563,23 +1575,38 @@ def xsa(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
     return out, grad_v
 
 
-@xsa.register_fake
-def _(y: Tensor, v: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(y), torch.empty_like(v) if grad is not None else v.new_empty(0)
-
-
-class ExclusiveSelfAttention(torch.autograd.Function):
-    """exclusive_self_attention in one kernel each way, computed in fp32 (inductor's took about twice
+@torch.library.custom_op("golf::xsa", mutates_args=())
+def xsa(y: Tensor, v: Tensor) -> Tensor:
+    """exclusive_self_attention(y, v) in one kernel each way, computed in fp32 (inductor's took about twice
     the time, the backward in three kernels)."""
+    return launch_xsa(y, v, None)[0]
 
-    @staticmethod
-    def forward(ctx, y: Tensor, v: Tensor) -> Tensor:
-        ctx.save_for_backward(y, v)
-        return xsa(y, v, None)[0]
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        return xsa(*ctx.saved_tensors, grad)
+@xsa.register_fake
+def _(y: Tensor, v: Tensor) -> Tensor:
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("golf::xsa_backward", mutates_args=())
+def xsa_backward(grad: Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """xsa's gradients at y and v given grad at its output."""
+    return launch_xsa(y, v, grad)
+
+
+@xsa_backward.register_fake
+def _(grad: Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(y), torch.empty_like(v)
+
+
+def _xsa_save(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _xsa_grads(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+    return xsa_backward(grad, *ctx.saved_tensors)
+
+
+xsa.register_autograd(_xsa_grads, setup_context=_xsa_save)
 
 
 if triton is not None:
@@ -1617,7 +1644,6 @@ if triton is not None:
 RELU2_TILES = {False: (128, 256, 64, 8, 4), True: (128, 256, 64, 8, 3)}
 
 
-@torch.library.custom_op("golf::relu2_matmul", mutates_args=())
 def relu2_matmul(a: Tensor, b: Tensor, act: Tensor | None) -> Tensor:
     """relu(a @ b.T)^2, or (a @ b.T) * 2 sqrt(act) when act is given: relu2_matmul_kernel."""
     a, b = a.contiguous(), b.contiguous()
@@ -1634,31 +1660,45 @@ def relu2_matmul(a: Tensor, b: Tensor, act: Tensor | None) -> Tensor:
     return out
 
 
-@relu2_matmul.register_fake
-def _(a: Tensor, b: Tensor, act: Tensor | None) -> Tensor:
-    return a.new_empty(a.size(0), b.size(0))
+@torch.library.custom_op("golf::relu2_mlp", mutates_args=())
+def relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
+    """(relu(x @ w_fc^T)^2 @ w_proj^T, act = relu(x @ w_fc^T)^2) for 2-D x, with relu^2 inside the Triton
+    matmuls. Against the separate matmuls and relu^2 kernels this never writes the pre-activation h: the
+    backward reads relu(h) back as sqrt(act) from the act that w_proj's gradient needs anyway."""
+    act = relu2_matmul(x, w_fc, None)
+    return act @ w_proj.T, act
 
 
-class Relu2MLP(torch.autograd.Function):
-    """relu(x @ w_fc^T)^2 @ w_proj^T for 2-D x, with relu^2 inside the Triton matmuls. Against the
-    separate matmuls and relu^2 kernels this never writes the pre-activation h: the backward
-    reads relu(h) back as sqrt(act) from the act that w_proj's gradient needs anyway."""
+@relu2_mlp.register_fake
+def _(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0))
 
-    @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-        act = relu2_matmul(x, w_fc, None)
-        ctx.save_for_backward(x, w_fc, w_proj, act)
-        return act @ w_proj.T
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x, w_fc, w_proj, act = ctx.saved_tensors
-        grad_h = relu2_matmul(grad, w_proj.T, act)
-        return grad_h @ w_fc, grad_h.T @ x, grad.T @ act
+@torch.library.custom_op("golf::relu2_mlp_backward", mutates_args=())
+def relu2_mlp_backward(grad: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, act: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """relu2_mlp's gradients at x, w_fc and w_proj given grad at its output, from its act."""
+    grad_h = relu2_matmul(grad, w_proj.T, act)
+    return grad_h @ w_fc, grad_h.T @ x, grad.T @ act
+
+
+@relu2_mlp_backward.register_fake
+def _(grad: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, act: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
+
+
+def _relu2_mlp_save(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _relu2_mlp_grads(ctx, grad: Tensor, grad_act: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return relu2_mlp_backward(grad, *ctx.saved_tensors)  # act is not an output the model uses
+
+
+relu2_mlp.register_autograd(_relu2_mlp_grads, setup_context=_relu2_mlp_save)
 
 
 def relu2_mlp_fits(h: Hyperparameters) -> bool:
-    """Whether Relu2MLP can run this model's MLP: relu^2 (its backward reads relu(h) back as sqrt(act),
+    """Whether relu2_mlp can run this model's MLP: relu^2 (its backward reads relu(h) back as sqrt(act),
     which loses leaky_relu's sign), and widths that are whole 16-byte rows for TMA."""
     return h.mlp_act == "relu2" and h.model_dim % 8 == 0 and int(h.mlp_mult * h.model_dim) % 8 == 0
 
@@ -1689,8 +1729,7 @@ if triton is not None:
             tl.store(out_ptr + row, top + tl.log(total) - tl.sum(tl.where(hit, s, 0.0), 0))
 
 
-@torch.library.custom_op("golf::softcap_ce", mutates_args=())
-def softcap_ce(z: Tensor, targets: Tensor, cap: float, grad: Tensor | None) -> Tensor:
+def launch_softcap_ce(z: Tensor, targets: Tensor, cap: float, grad: Tensor | None) -> Tensor:
     """softcap_ce_kernel on logits z (rows, V): each row's loss (float32), or with grad (rows,) z's gradient."""
     z, targets = z.contiguous(), targets.contiguous()
     out = torch.empty_like(z) if grad is not None else z.new_empty(z.size(0), dtype=torch.float32)
@@ -1700,26 +1739,41 @@ def softcap_ce(z: Tensor, targets: Tensor, cap: float, grad: Tensor | None) -> T
     return out
 
 
-@softcap_ce.register_fake
-def _(z: Tensor, targets: Tensor, cap: float, grad: Tensor | None) -> Tensor:
-    return torch.empty_like(z) if grad is not None else z.new_empty(z.size(0), dtype=torch.float32)
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(cap * tanh(z / cap), targets, reduction="none") for 2-D z, in one kernel each way,
+@torch.library.custom_op("golf::softcap_ce", mutates_args=())
+def softcap_ce(z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """F.cross_entropy(cap * tanh(z / cap), targets, reduction="none") for 2-D z (float32), in one kernel each way,
     computed in fp32 from z as it comes out of the output matmul: the float32 logits and their soft-capped
     copy (rows x vocabulary each) are never written; the backward recomputes them from z."""
+    return launch_softcap_ce(z, targets, cap, None)
 
-    @staticmethod
-    def forward(ctx, z: Tensor, targets: Tensor, cap: float) -> Tensor:
-        ctx.save_for_backward(z, targets)
-        ctx.cap = cap
-        return softcap_ce(z, targets, cap, None)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple:
-        z, targets = ctx.saved_tensors
-        return softcap_ce(z, targets, ctx.cap, grad), None, None
+@softcap_ce.register_fake
+def _(z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    return z.new_empty(z.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("golf::softcap_ce_backward", mutates_args=())
+def softcap_ce_backward(grad: Tensor, z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """softcap_ce's gradient at z given grad (rows,) at its losses."""
+    return launch_softcap_ce(z, targets, cap, grad)
+
+
+@softcap_ce_backward.register_fake
+def _(grad: Tensor, z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    return torch.empty_like(z)
+
+
+def _softcap_ce_save(ctx, inputs: tuple, output: Tensor) -> None:
+    z, targets, ctx.cap = inputs
+    ctx.save_for_backward(z, targets)
+
+
+def _softcap_ce_grads(ctx, grad: Tensor) -> tuple:
+    z, targets = ctx.saved_tensors
+    return softcap_ce_backward(grad, z, targets, ctx.cap), None, None
+
+
+softcap_ce.register_autograd(_softcap_ce_grads, setup_context=_softcap_ce_save)
 
 
 # =============================================================================================

@@ -90,7 +90,7 @@ if tg.triton is not None:
     z = (torch.randn(B * T, V, device=device) * 30).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, V, (B * T,), device=device)
     plain = torch.compile(lambda z, t: F.cross_entropy(cap * torch.tanh(z.float() / cap), t), fullgraph=True)
-    fused = torch.compile(lambda z, t: tg.SoftcapCrossEntropy.apply(z, t, cap).mean(), fullgraph=True)
+    fused = torch.compile(lambda z, t: tg.softcap_ce(z, t, cap).mean(), fullgraph=True)
     results = [(f(z, targets), torch.autograd.grad(f(z, targets), z)[0]) for f in (plain, fused)]
     print(f"loss plain {results[0][0].item():.6f} fused {results[1][0].item():.6f}; gradient rel err {rel(results[1][1], results[0][1]):.2e}")
     for name, f in (("plain", plain), ("fused", fused)):

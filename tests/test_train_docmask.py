@@ -259,16 +259,14 @@ def test_loss_kernel_resolution_on_this_machine():
 
 
 def test_fused_loss_is_the_training_loss_only(monkeypatch):
-    """With LOSS_KERNEL=triton the training loss is the mean of SoftcapCrossEntropy over the logits before the
+    """With LOSS_KERNEL=triton the training loss is the mean of softcap_ce over the logits before the
     cap (stood in for by its plain formula here); scoring keeps the plain path."""
     calls = []
 
-    class PlainSoftcapCE:
-        @staticmethod
-        def apply(z, targets, cap):
-            calls.append(z.shape)
-            return F.cross_entropy(cap * torch.tanh(z.float() / cap), targets, reduction="none")
-    monkeypatch.setattr(tg, "SoftcapCrossEntropy", PlainSoftcapCE)
+    def plain_softcap_ce(z, targets, cap):
+        calls.append(z.shape)
+        return F.cross_entropy(cap * torch.tanh(z.float() / cap), targets, reduction="none")
+    monkeypatch.setattr(tg, "softcap_ce", plain_softcap_ce)
     # logits well past the cap (|z| of several caps), so that capping twice or not at all would show
     fused, plain = (weighted_model(tiny_h(logit_softcap=2.0, tied_embed_init_std=0.5), kernels=tg.Kernels(loss=kernel))
                     for kernel in ("triton", "torch"))

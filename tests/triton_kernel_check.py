@@ -23,7 +23,7 @@ for M, K, N in [(210, 64, 192), (7, 16, 24), (300, 96, 520)]:
     w_fc, w_proj = (torch.randn(N, K) * K ** -0.5).requires_grad_(), (torch.randn(K, N) * N ** -0.5).requires_grad_()
     grad = torch.randn(M, K)
     results = []
-    for mlp in (lambda x, a, b: torch.relu(x @ a.T).square() @ b.T, tg.Relu2MLP.apply):
+    for mlp in (lambda x, a, b: torch.relu(x @ a.T).square() @ b.T, lambda x, a, b: tg.relu2_mlp(x, a, b)[0]):
         y = mlp(x, w_fc, w_proj)
         results.append([y, *torch.autograd.grad(y, (x, w_fc, w_proj), grad)])
     for name, want, got in zip(("y", "dx", "dw_fc", "dw_proj"), *results):
@@ -39,7 +39,7 @@ for B, T, H, D, dims, start, with_gain in [(2, 5, 3, 8, 0, 0, True), (1, 7, 2, 2
     grad = torch.randn(B, T, H, D)
     results = []
     for path in (lambda x, g: rotary(tg.rms_norm(x), start) * (g[:, None] if g is not None else 1),
-                 lambda x, g: tg.NormRotary.apply(x, g, rotary.cos, rotary.sin, start)):
+                 lambda x, g: tg.norm_rotary(x, g, rotary.cos, rotary.sin, start)):
         y = path(x, gain)
         results.append([y, *torch.autograd.grad(y, [x] + ([gain] if with_gain else []), grad)])
     for name, want, got in zip(("y", "dx", "dgain"), *results):
@@ -51,7 +51,7 @@ for B, T, H, Hkv, D in [(2, 5, 4, 2, 8), (1, 7, 6, 2, 12), (3, 4, 3, 3, 16)]:
     y, v = torch.randn(B, T, H, D, requires_grad=True), torch.randn(B, T, Hkv, D, requires_grad=True)
     grad = torch.randn(B, T, H, D)
     results = []
-    for xsa in (tg.exclusive_self_attention, tg.ExclusiveSelfAttention.apply):
+    for xsa in (tg.exclusive_self_attention, tg.xsa):
         out = xsa(y, v)
         results.append([out, *torch.autograd.grad(out, (y, v), grad)])
     for name, want, got in zip(("out", "dy", "dv"), *results):
@@ -66,7 +66,7 @@ for rows, V, cap, spread in [(7, 96, 20.0, 4.0), (5, 128, 30.0, 1.0), (3, 1000, 
     grad = torch.rand(rows) + 0.5
     results = []
     for ce in (lambda z: F.cross_entropy(cap * torch.tanh(z / cap), targets, reduction="none"),
-               lambda z: tg.SoftcapCrossEntropy.apply(z, targets, cap)):
+               lambda z: tg.softcap_ce(z, targets, cap)):
         loss = ce(z)
         results.append([loss, *torch.autograd.grad(loss, z, grad)])
     for name, want, got in zip(("loss", "dz"), *results):
