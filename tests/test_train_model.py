@@ -243,8 +243,8 @@ def test_auto_attention_takes_fa3_then_fa4_then_sdpa(monkeypatch, fa3, fa4, majo
 
 def test_triton_kernels_match_the_plain_paths_in_tritons_interpreter():
     """tests/triton_kernel_check.py under Triton's CPU interpreter: the kernels, the custom ops relu2_mlp, norm_rotary,
-    xsa and softcap_ce with their backward ops, and the model with all four kernel settings at triton against the plain paths
-    (output, gradients, scoring, GPTQ Hessians)."""
+    xsa and softcap_ce with their backward ops (also compiled, and through opcheck), and the model with all four kernel
+    settings at triton against the plain paths (output, gradients, scoring, GPTQ Hessians)."""
     pytest.importorskip("triton")
     check = Path(__file__).with_name("triton_kernel_check.py")
     result = subprocess.run([sys.executable, str(check)], env=os.environ | {"TRITON_INTERPRET": "1"},
