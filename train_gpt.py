@@ -1281,9 +1281,6 @@ class GPT(nn.Module):
         # DOC_MASK: no position reads one of an earlier document (a document starts at its BOS)
         starts = idx == BOS_ID if self.doc_mask else None
         docs = document_mask(idx, idx.size(1), self.attn_backend) if self.doc_mask else None
-        # Compiled flex attention fails on the GPU (an illegal address) for a few queries against many keys,
-        # as in the sliding windows' tails: with flex the last block computes every position, cut after it.
-        cut, tail = (tail, None) if self.doc_mask and self.attn_backend == "flex" else (None, tail)
         last_docs = document_mask(idx, tail, self.attn_backend) if self.doc_mask and tail not in (None, idx.size(1)) else docs
         x = self.tok_emb(idx)
         if self.bigram is not None:
@@ -1302,7 +1299,7 @@ class GPT(nn.Module):
             x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None, last_docs if last else docs)
             if first and i < self.num_encoder:
                 skips.append(x)
-        return rms_norm(x if cut is None else x[:, x.size(1) - cut:])
+        return rms_norm(x)
 
     def logits(self, x: Tensor) -> Tensor:
         logits = F.linear(x, self.tok_emb.weight).float()

@@ -197,26 +197,6 @@ def test_every_backend_keeps_each_query_to_its_own_document(monkeypatch, tail):
     assert ReferenceVarlenFA4.calls == ["fwd", "bwd"]
 
 
-def test_with_flex_the_scorers_tail_is_cut_after_the_last_block(monkeypatch):
-    """Compiled flex attention fails on the GPU for a few queries against a whole window, so with flex the
-    model never asks for a block mask of the tail: the last block computes every position and the tail is
-    cut after it. The losses of the tail are those of the sdpa model with the same weights."""
-    h = tiny_h(attn_backend="auto")
-    sdpa, flex = (weighted_model(h, kernels=tg.Kernels(attention=backend)) for backend in ("sdpa", "flex"))
-    flex.load_state_dict(sdpa.state_dict())
-    asked, mask = [], tg.document_mask
-    monkeypatch.setattr(tg, "document_mask", lambda idx, tail, backend: asked.append((tail, backend)) or mask(idx, tail, backend))
-    row = torch.cat([rows(words(9, 1), words(22, 3)), rows(words(32, 4))])
-    for tail in (32, 5):
-        want = nll(sdpa, row, tail)
-        asked.clear()
-        torch.testing.assert_close(nll(flex, row, tail), want)
-        assert asked == [(32, "flex")], asked
-    asked.clear()
-    nll(sdpa, row, 5)
-    assert asked == [(32, "sdpa"), (5, "sdpa")]
-
-
 def test_attention_at_a_bos_reads_only_itself_so_xsa_leaves_nothing():
     """A BOS query attends to itself alone: its output is its own v (for every query head of the group), and
     XSA, which removes the component along that v, leaves zero there."""
