@@ -1043,6 +1043,13 @@ def document_mask(idx: Tensor, tail: int, backend: str):
     return ((doc[:, None, :] == doc[:, offset:, None]) & causal)[:, None]
 
 
+def forward_backend(backend: str) -> str:
+    """The attention backend of this forward pass. Compiled without autograd (scoring), flex attention
+    fuses the building of its block mask into its kernel, which fails on the GPU (an illegal address,
+    torch 2.11): scoring takes sdpa's boolean mask there instead, the same attention."""
+    return "sdpa" if backend == "flex" and not torch.is_grad_enabled() else backend
+
+
 def document_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs) -> Tensor:
     """causal_attention within documents: docs = document_mask(idx, Tq, backend) of these rows."""
     q, k = q.to(v.dtype), k.to(v.dtype)
@@ -1128,7 +1135,7 @@ class Attention(nn.Module):
         else:
             q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
             k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, self.backend, docs)
+        y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, forward_backend(self.backend), docs)
         if self.xsa:
             y = (xsa if self.xsa_fused else exclusive_self_attention)(y, v[:, T - tail:])
         if self.gate_channels:
@@ -1280,8 +1287,9 @@ class GPT(nn.Module):
         of every position or of the last `tail` (then the last block computes only those)."""
         # DOC_MASK: no position reads one of an earlier document (a document starts at its BOS)
         starts = idx == BOS_ID if self.doc_mask else None
-        docs = document_mask(idx, idx.size(1), self.attn_backend) if self.doc_mask else None
-        last_docs = document_mask(idx, tail, self.attn_backend) if self.doc_mask and tail not in (None, idx.size(1)) else docs
+        backend = forward_backend(self.attn_backend)
+        docs = document_mask(idx, idx.size(1), backend) if self.doc_mask else None
+        last_docs = document_mask(idx, tail, backend) if self.doc_mask and tail not in (None, idx.size(1)) else docs
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx, starts)

@@ -197,6 +197,27 @@ def test_every_backend_keeps_each_query_to_its_own_document(monkeypatch, tail):
     assert ReferenceVarlenFA4.calls == ["fwd", "bwd"]
 
 
+def test_a_flex_model_scores_with_sdpas_mask_and_trains_with_flex(monkeypatch):
+    """Compiled without autograd, flex attention fails on the GPU, so a flex model's scoring passes (no
+    grad) build sdpa's boolean masks and attend with sdpa, and its training passes keep flex. Both give the
+    sdpa model's losses with the same weights, over a whole window and over the scorer's last positions."""
+    h = tiny_h(attn_backend="auto")
+    sdpa, flex = (weighted_model(h, kernels=tg.Kernels(attention=backend)) for backend in ("sdpa", "flex"))
+    flex.load_state_dict(sdpa.state_dict())
+    flex.requires_grad_(False)  # flex has no CPU backward; the pass below still runs with autograd on
+    asked, mask = [], tg.document_mask
+    monkeypatch.setattr(tg, "document_mask", lambda idx, tail, backend: asked.append((tail, backend)) or mask(idx, tail, backend))
+    row = torch.cat([rows(words(9, 1), words(22, 3)), rows(words(32, 4))])
+    for tail in (32, 5):
+        want = nll(sdpa, row, tail)
+        asked.clear()
+        torch.testing.assert_close(nll(flex, row, tail), want)
+        assert {backend for _, backend in asked} == {"sdpa"}, asked
+        asked.clear()
+        torch.testing.assert_close(flex.token_nll(row[:, :-1], row[:, 1:], tail), want)
+        assert {backend for _, backend in asked} == {"flex"}, asked
+
+
 def test_attention_at_a_bos_reads_only_itself_so_xsa_leaves_nothing():
     """A BOS query attends to itself alone: its output is its own v (for every query head of the group), and
     XSA, which removes the component along that v, leaves zero there."""
