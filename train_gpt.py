@@ -3617,14 +3617,21 @@ def train(model: GPT, routes: dict[str, str], evaluator: Evaluator, h: Hyperpara
     return export
 
 
-def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path: Path) -> None:
+def model_and_evaluator(h: Hyperparameters, rt: Runtime, kernels: Kernels, log: RunLog) -> tuple[GPT, Evaluator]:
+    """The model on the device and the evaluator that scores it on the validation shards: the same for
+    training and for re-scoring."""
     tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
     val_tokens = load_validation_tokens(h)
-    model = build_model(h, rt.kernels).to(rt.device)
-    routes = route_parameters(model)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} xsa_layers:{h.xsa_last_n} weight_avg:{h.weight_avg}")
+    model = build_model(h, kernels).to(rt.device)
     evaluator = Evaluator(model, h, rt, val_tokens, tables)
     log(f"val_bytes: from the {evaluator.tables.source}")
+    return model, evaluator
+
+
+def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path: Path) -> None:
+    model, evaluator = model_and_evaluator(h, rt, rt.kernels, log)
+    routes = route_parameters(model)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} xsa_layers:{h.xsa_last_n} weight_avg:{h.weight_avg}")
     export = train(model, routes, evaluator, h, rt, log)
 
     val_loss, val_bpb, ms = evaluator.score(sliding=False)
@@ -3654,10 +3661,6 @@ def model_settings(h: Hyperparameters) -> dict:
     return {name: getattr(h, name) for name in MODEL_SETTINGS}
 
 
-# Model settings that are sizes (a count of blocks, heads, rows or columns) or scales of the model: at least 1, resp. above 0.
-POSITIVE_MODEL_SETTINGS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
-                           "bigram_dim", "ve_dim", "recur_repeats")
-
 
 def stored_model_settings(config: dict, h: Hyperparameters, source: str) -> dict:
     """The model settings an artifact was trained with, checked like the environment's: only MODEL_SETTINGS
@@ -3682,8 +3685,6 @@ def stored_model_settings(config: dict, h: Hyperparameters, source: str) -> dict
         else:
             need(type(value) in (int, float) and abs(value) <= MAX_CONTAINER_BYTES, f"{shown}: expected a number of at most {MAX_CONTAINER_BYTES}")
             value = float(value)
-        if name in POSITIVE_MODEL_SETTINGS:
-            need(value > 0, f"{shown}: expected a positive number")
         values[name] = value
     try:
         settings = Hyperparameters(**(model_settings(h) | values))  # the rest: defaults
@@ -3725,11 +3726,7 @@ def rescore(h: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     log("rescore: model settings from the artifact: " + " ".join(f"{n.upper()}={getattr(h, n)}" for n in MODEL_SETTINGS)
         + f" (mlp_kernel:{kernels.mlp})")
     check_artifact_tensors(state, h, str(path))
-    tables = build_byte_tables(h.tokenizer_path, h.vocab_size)
-    val_tokens = load_validation_tokens(h)
-    model = build_model(h, kernels).to(rt.device)
-    evaluator = Evaluator(model, h, rt, val_tokens, tables)
-    log(f"val_bytes: from the {evaluator.tables.source}")
+    model, evaluator = model_and_evaluator(h, rt, kernels, log)
     log(f"scoring graphs compiled in {evaluator.prime():.1f}s")
     score_artifact(path, model, evaluator, h, log)
 
