@@ -126,7 +126,7 @@ class Hyperparameters:
     late_qat_threshold: float = 0.0  # fake-quantize matrices once the LR scale is below it; 0 = off
 
     # ---- export
-    # int5 with GPTQ: on a 300 s proxy checkpoint int6 everywhere made 17.9 MB (see README.md)
+    # int5 with GPTQ: int6 everywhere does not fit the cap (bench/RESULTS.md, "The export")
     attn_bits: int = 5               # per-row integer width of attention matrices
     mlp_bits: int = 5                # ... of MLP matrices
     embed_bits: int = 8              # ... of embedding tables
