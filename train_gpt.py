@@ -166,6 +166,7 @@ class Hyperparameters:
     ttt_lora_rank: int = 8           # rank of each adapter
     ttt_lora_targets: str = "q,v,o"  # adapted projections of every block: q,k,v,o,fc,proj
     ttt_batch_docs: int = 16         # documents scored (and adapted) side by side on a rank
+    ttt_context: str = "document"    # document | stream: windows also read the text before a BOS
     ttt_phases: int = 0              # global SGD phases on the documents scored so far
     ttt_global_lr: float = 0.002     # SGD (momentum 0.9) on all weights after a phase
     ttt_global_epochs: int = 1       # passes over a phase's documents
@@ -215,7 +216,8 @@ class Hyperparameters:
                    "mlp_kernel": ("auto", "triton", "torch"), "qk_kernel": ("auto", "triton", "torch"),
                    "xsa_kernel": ("auto", "triton", "torch"), "loss_kernel": ("auto", "triton", "torch"),
                    "attn_gate": ("off", "head", "sparse"), "smear_gate": ("fixed", "input"),
-                   "ttt_mode": ("off", "lora", "sgd"), "ttt_optimizer": ("adam", "sgd")}
+                   "ttt_mode": ("off", "lora", "sgd"), "ttt_optimizer": ("adam", "sgd"),
+                   "ttt_context": ("document", "stream")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.attn_backend != "flex" or self.doc_mask, "ATTN_BACKEND=flex needs DOC_MASK=1 (plain causal attention: use sdpa, fa3 or fa4)")
@@ -394,7 +396,7 @@ MAX_SEQ_LENGTHS = 8
 # The TTT settings each mode reads (Hyperparameters.check_unread refuses the others when given).
 TTT_LORA_SETTINGS = ("ttt_chunk", "ttt_lr", "ttt_epochs", "ttt_optimizer", "ttt_lora_rank", "ttt_lora_targets")
 TTT_GLOBAL_SETTINGS = ("ttt_phases", "ttt_global_lr", "ttt_global_epochs", "ttt_global_batch")
-TTT_SETTINGS = TTT_LORA_SETTINGS + TTT_GLOBAL_SETTINGS + ("ttt_batch_docs",)
+TTT_SETTINGS = TTT_LORA_SETTINGS + TTT_GLOBAL_SETTINGS + ("ttt_batch_docs", "ttt_context")
 # TTT_LORA_TARGETS: the names of the adapted projections, and where each sits in a Block.
 LORA_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 
@@ -2803,19 +2805,21 @@ class Evaluator:
 TTT_ADAM_BETAS, TTT_ADAM_EPS, TTT_GLOBAL_MOMENTUM = (0.9, 0.999), 1e-8, 0.9
 
 
-def chunk_windows(lo: int, hi: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+def chunk_windows(lo: int, hi: int, window: int, stride: int, before: int = 0) -> list[tuple[int, int, int]]:
     """(start, first, end) of the windows that score a document's targets lo..hi-1 (document positions: target j
     is token j+1, predicted from tokens start..j): those below `window` by one window from the document's start,
     the others `stride` at a time by a window ending at the last of them. Every target gets at least
     window - stride tokens of its document as context, as in the sliding evaluation, whose grid this is on a
-    single document when window, lo and hi are multiples of stride."""
+    single document when window, lo and hi are multiples of stride. With `before` > 0 (TTT_CONTEXT=stream: that
+    many tokens of the stream come before the document) every target is scored the second way, and a window
+    may start up to `before` tokens before the document (start < 0), so that the context is the stream's."""
     spans = []
-    if lo < window:
+    if lo < window and before == 0:
         spans.append((0, lo, min(hi, window)))
         lo = min(hi, window)
     for first in range(lo, hi, stride):
         end = min(first + stride, hi)
-        spans.append((end - window, first, end))
+        spans.append((max(end - window, -before), first, end))
     return spans
 
 
@@ -2879,7 +2883,7 @@ class DocumentAdapters:
 class TestTimeTraining:
     """Score-first test-time training over the validation documents (document_starts), on a copy of the scored model.
     Each document is scored chunk by chunk (TTT_CHUNK targets) under no gradient, by windows of its own tokens
-    (chunk_windows), and with TTT_MODE=lora its adapter then trains on the chunk just scored, so every target is
+    (chunk_windows; with TTT_CONTEXT=stream they also read the tokens before it), and with TTT_MODE=lora its adapter then trains on the chunk just scored, so every target is
     scored once, by weights adapted only on targets before it. With TTT_PHASES=P the documents form P + 1 phases of
     equal document counts; after each phase but the last, SGD on all weights over that phase's documents, which
     every rank has scored by then. A phase's documents are split over the ranks by their target counts, each rank
@@ -2900,10 +2904,12 @@ class TestTimeTraining:
         self.tokens = tokens
         self.starts = document_starts(tokens)
         self.lengths = (torch.cat([self.starts[1:], self.starts.new_full((1,), len(tokens) - 1)]) - self.starts).tolist()
+        # what a window may read before each document's start: nothing, or the stream's tokens before it
+        self.before = self.starts.tolist() if self.h.ttt_context == "stream" else [0] * len(self.lengths)
 
     def _rows(self, spans: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
-        """For spans (document, start, first, end, slot) in document positions: token rows (R, window + 1) from each
-        document's token `start` on, filled with token 0 after token `end` (never context of a scored target), the
+        """For spans (document, start, first, end, slot) in document positions (start < 0: before the document):
+        token rows (R, window + 1) from each document's token `start` on, filled with token 0 after token `end` (never context of a scored target), the
         mask of the targets first..end-1 and the bytes of every target."""
         doc, start, first, end = torch.from_numpy(spans[:, :4]).to(self.rt.device).unbind(1)
         index = (self.starts[doc] + start)[:, None] + self.offsets
@@ -2962,13 +2968,13 @@ class TestTimeTraining:
                 return
             chunk = {s: h.ttt_chunk if self.adapters is not None else self.lengths[doc[s]] for s in busy}
             hi = {s: min(lo[s] + chunk[s], self.lengths[doc[s]]) for s in busy}
-            self.score_spans(np.array([(doc[s], start, first, end, s) for s in busy
-                                       for start, first, end in chunk_windows(lo[s], hi[s], window, h.eval_stride)]), documents)
+            self.score_spans(np.array([(doc[s], start, first, end, s) for s in busy for start, first, end
+                                       in chunk_windows(lo[s], hi[s], window, h.eval_stride, self.before[doc[s]])]), documents)
             training = [s for s in busy if hi[s] < self.lengths[doc[s]]]
             if self.adapters is not None and training:
                 spans, active = np.zeros((slots, 5), dtype=np.int64), torch.zeros(slots, dtype=torch.bool, device=self.rt.device)
                 for s in training:
-                    spans[s], active[s] = (doc[s], max(0, hi[s] - window), lo[s], hi[s], s), True
+                    spans[s], active[s] = (doc[s], max(-self.before[doc[s]], hi[s] - window), lo[s], hi[s], s), True
                 self._adapt(spans, active)
             for s in busy:
                 lo[s], doc[s] = hi[s], doc[s] if hi[s] < self.lengths[doc[s]] else -1
@@ -3339,7 +3345,7 @@ def log_final_scores(log: RunLog, evaluator: Evaluator, h: Hyperparameters) -> N
         if not (math.isfinite(loss) and math.isfinite(bpb)):
             raise RunError(f"the TTT score is val_loss:{loss} val_bpb:{bpb}: the adapted model's outputs are not finite "
                            "(lower TTT_LR or TTT_GLOBAL_LR), so the run has no TTT score")
-        log(f"final_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms mode:{h.ttt_mode} phases:{h.ttt_phases} documents:{len(documents)}")
+        log(f"final_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms mode:{h.ttt_mode} phases:{h.ttt_phases} documents:{len(documents)} context:{h.ttt_context}")
         log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if h.eval_doc_scores:
         on_master(evaluator.rt, lambda: write_document_scores(h.eval_doc_scores, documents.cpu()))

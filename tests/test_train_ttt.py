@@ -115,6 +115,41 @@ def test_without_updates_ttt_scores_each_document_by_its_own_sliding_windows():
     assert len(per_doc) == 1 and per_doc[0, 0].item() / per_doc[0, 1].item() == pytest.approx(loss, rel=1e-5)
 
 
+def test_with_stream_context_and_no_updates_ttt_is_the_sliding_evaluation():
+    """TTT_CONTEXT=stream: the windows read the documents before a document, so with updates off every document
+    scores exactly as in the stream's sliding evaluation (stride 1: the grids agree wherever a document starts),
+    in both modes; with document context the first targets of every document but the first score otherwise."""
+    tokens = stream(documents(9, LENGTHS))
+    h, model, tables = setup(eval_stride=1)
+    want = torch.zeros(len(LENGTHS), 3, dtype=torch.float64)
+    tg.Evaluator(model, h, cpu(), tokens, tables).score(sliding=True, documents=want)
+    for kw in (dict(ttt_epochs=0), dict(ttt_mode="sgd", ttt_phases=1, ttt_global_lr=0.0)):
+        per_doc = ttt_documents(tokens, eval_stride=1, ttt_context="stream", **kw)
+        assert torch.equal(per_doc[:, 1:], want[:, 1:]), kw
+        np.testing.assert_allclose(per_doc[:, 0].numpy(), want[:, 0].numpy(), rtol=1e-5)
+    own = ttt_documents(tokens, eval_stride=1, ttt_epochs=0)
+    np.testing.assert_allclose(own[0, 0].item(), want[0, 0].item(), rtol=1e-5)  # the first document has nothing before it
+    assert all(abs(own[d, 0] - want[d, 0]) > 1e-3 for d in range(1, len(LENGTHS)))
+    adapted = ttt_documents(tokens, ttt_context="stream")  # and the adapters still learn
+    assert all(adapted[d, 0] != want[d, 0] for d, n in enumerate(LENGTHS) if n + 1 > 16)
+
+
+def test_with_stream_context_the_adapters_train_on_windows_with_the_same_context():
+    """An adapter trains on the chunk it has just scored with the context a window scoring it would have: with
+    TTT_CONTEXT=stream the EVAL_SEQ_LEN tokens up to the chunk's end, reaching back before the document."""
+    tokens = stream(documents(9, LENGTHS))
+    for context in ("document", "stream"):
+        h, model, tables = setup(ttt_context=context)
+        ttt = tg.TestTimeTraining(tg.Evaluator(model, h, cpu(), tokens, tables))
+        starts, adapted, adapt = tg.document_starts(tokens).tolist(), [], ttt._adapt
+        ttt._adapt = lambda spans, active: adapted.extend(spans[active.numpy()].tolist()) or adapt(spans, active)
+        ttt.run()
+        assert adapted
+        for doc, start, first, end, _ in adapted:
+            before = starts[doc] if context == "stream" else 0
+            assert first == end - 16 and start == max(end - 32, -before)  # a whole chunk, a window of 32
+
+
 def test_updates_change_the_score():
     tokens = stream(documents(2, LENGTHS))
     adapted, plain = ttt_documents(tokens), ttt_documents(tokens, ttt_epochs=0)
@@ -128,14 +163,16 @@ def test_updates_change_the_score():
         assert (changed[first:, 0] != reference[first:, 0]).all()
 
 
-def test_a_document_is_scored_by_weights_adapted_only_on_what_came_before():
+@pytest.mark.parametrize("context", ["document", "stream"])
+def test_a_document_is_scored_by_weights_adapted_only_on_what_came_before(context):
     """The first k documents score exactly the same when every later document is other text (the same count of
-    documents: phases are equal shares of it), with adapters and global phases."""
+    documents: phases are equal shares of it), with adapters and global phases, and windows that read only a
+    document's own tokens or the stream before it too."""
     k = 7  # phase 0 holds documents 0..4, phase 1 documents 5..9: k spans both
     original = documents(3, LENGTHS)
     replaced = original[:k] + documents(4, [55, 3, 80])
-    a = ttt_documents(stream(original), ttt_phases=1, ttt_global_lr=0.05)
-    b = ttt_documents(stream(replaced), ttt_phases=1, ttt_global_lr=0.05)
+    a = ttt_documents(stream(original), ttt_phases=1, ttt_global_lr=0.05, ttt_context=context)
+    b = ttt_documents(stream(replaced), ttt_phases=1, ttt_global_lr=0.05, ttt_context=context)
     assert torch.equal(a[:k], b[:k])
     assert not torch.equal(a[k:], b[k:])
 
@@ -209,6 +246,8 @@ def test_two_ranks_score_as_one(tmp_path):
     (dict(TTT_MODE="lora", TTT_LORA_TARGETS="q,gate"), "TTT_LORA_TARGETS='q,gate': expected distinct names from q,k,v,o,fc,proj"),
     (dict(TTT_MODE="lora", TTT_LORA_TARGETS="q,q"), "TTT_LORA_TARGETS='q,q': expected distinct names"),
     (dict(TTT_MODE="lora", TTT_OPTIMIZER="muon"), "TTT_OPTIMIZER='muon': expected one of adam, sgd"),
+    (dict(TTT_MODE="lora", TTT_CONTEXT="all"), "TTT_CONTEXT='all': expected one of document, stream"),
+    (dict(TTT_CONTEXT="stream"), "TTT_CONTEXT=stream has no effect with TTT_MODE=off"),
     (dict(TTT_ENABLED="1"), "unknown setting TTT_ENABLED: use TTT_MODE=lora"),
     (dict(TTT_CHUNK_SIZE="32"), "unknown setting TTT_CHUNK_SIZE: no setting has that name; the nearest is TTT_CHUNK"),
 ])
@@ -233,7 +272,7 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     result = run(RUN_ID="ttt", EVAL_DOC_SCORES="trained.csv", **ttt)
     assert result.returncode == 0, result.stderr
     trained = (run.cwd / "logs/ttt.txt").read_text()
-    assert re.search(r"^final_ttt val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms mode:lora phases:1 documents:\d+$", trained, re.M)
+    assert re.search(r"^final_ttt val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms mode:lora phases:1 documents:\d+ context:document$", trained, re.M)
     result = run(RUN_ID="rescore", EVAL_ARTIFACT="logs/ttt.model.zst", EVAL_DOC_SCORES="rescored.csv", **ttt)
     assert result.returncode == 0, result.stderr
     rescored = (run.cwd / "logs/rescore.txt").read_text()
@@ -242,7 +281,7 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     docs = read_csv(run.cwd / "trained.csv")
     assert docs == read_csv(run.cwd / "rescored.csv")
     loss = float(re.search(r"val_loss:([\d.]+)", final(trained, "final_ttt_exact")).group(1))
-    assert [d for d, *_ in docs] == list(range(len(docs))) and int(final(trained, "final_ttt").split("documents:")[1]) == len(docs)
+    assert [d for d, *_ in docs] == list(range(len(docs))) and int(final(trained, "final_ttt").split("documents:")[1].split()[0]) == len(docs)
     assert sum(n for *_, n in docs) / sum(t for _, t, _, _ in docs) == pytest.approx(loss, abs=1e-8)
     # TTT off: the file holds the sliding evaluation's documents, every target once
     result = run(RUN_ID="sliding", EVAL_ARTIFACT="logs/ttt.model.zst", EVAL_DOC_SCORES="sliding.csv")
