@@ -2805,6 +2805,14 @@ class Evaluator:
 TTT_ADAM_BETAS, TTT_ADAM_EPS, TTT_GLOBAL_MOMENTUM = (0.9, 0.999), 1e-8, 0.9
 
 
+def queued_copy(a: np.ndarray, device: torch.device) -> Tensor:
+    """a on `device` without making the host wait: a copy from pageable memory first waits for all the work queued
+    on the GPU, while one from pinned memory is queued behind it (the caching allocator keeps the pinned block
+    until the copy has run)."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def chunk_windows(lo: int, hi: int, window: int, stride: int, before: int = 0) -> list[tuple[int, int, int]]:
     """(start, first, end) of the windows that score a document's targets lo..hi-1 (document positions: target j
     is token j+1, predicted from tokens start..j): those below `window` by one window from the document's start,
@@ -2911,7 +2919,7 @@ class TestTimeTraining:
         """For spans (document, start, first, end, slot) in document positions (start < 0: before the document):
         token rows (R, window + 1) from each document's token `start` on, filled with token 0 after token `end` (never context of a scored target), the
         mask of the targets first..end-1 and the bytes of every target."""
-        doc, start, first, end = torch.from_numpy(spans[:, :4]).to(self.rt.device).unbind(1)
+        doc, start, first, end = queued_copy(spans[:, :4], self.rt.device).unbind(1)
         index = (self.starts[doc] + start)[:, None] + self.offsets
         index = index.clamp(max=len(self.tokens) - 1)
         rows = torch.where(self.offsets <= (end - start)[:, None], self.tokens[index], 0)
@@ -2921,7 +2929,7 @@ class TestTimeTraining:
 
     def _forward(self, rows: Tensor, slots: np.ndarray | None) -> Tensor:
         if self.adapters is not None:
-            self.adapters.row_slots = None if slots is None else torch.from_numpy(slots).to(self.rt.device)
+            self.adapters.row_slots = None if slots is None else queued_copy(slots, self.rt.device)
         with autocast(self.rt):
             return self.nll(rows[:, :-1], rows[:, 1:], self.h.eval_seq_len)
 
@@ -2938,7 +2946,7 @@ class TestTimeTraining:
             rows, scored, n_bytes = self._rows(part)
             nll = self._forward(rows, part[:, 4])
             sums.append(torch.stack([(nll.double() * scored).sum(1), scored.sum(1).double(), (n_bytes * scored).sum(1).double()], 1))
-            documents.index_add_(0, torch.from_numpy(part[:, 0]).to(self.rt.device), sums[-1])
+            documents.index_add_(0, queued_copy(part[:, 0], self.rt.device), sums[-1])
         return torch.cat(sums)[:len(spans)]
 
     def _adapt(self, spans: np.ndarray, active: Tensor) -> None:
@@ -2972,10 +2980,10 @@ class TestTimeTraining:
                                        in chunk_windows(lo[s], hi[s], window, h.eval_stride, self.before[doc[s]])]), documents)
             training = [s for s in busy if hi[s] < self.lengths[doc[s]]]
             if self.adapters is not None and training:
-                spans, active = np.zeros((slots, 5), dtype=np.int64), torch.zeros(slots, dtype=torch.bool, device=self.rt.device)
+                spans, active = np.zeros((slots, 5), dtype=np.int64), np.zeros(slots, dtype=bool)
                 for s in training:
                     spans[s], active[s] = (doc[s], max(-self.before[doc[s]], hi[s] - window), lo[s], hi[s], s), True
-                self._adapt(spans, active)
+                self._adapt(spans, queued_copy(active, self.rt.device))
             for s in busy:
                 lo[s], doc[s] = hi[s], doc[s] if hi[s] < self.lengths[doc[s]] else -1
 
