@@ -1137,7 +1137,10 @@ class Attention(nn.Module):
         else:
             q = self.rotary(rms_norm(q), start=T - tail) * self.q_gain.to(q.dtype)[:, None]
             k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.backend) if docs is None else document_attention(q, k, v, forward_backend(self.backend), docs)
+        if docs is None:
+            y = causal_attention(q, k, v, self.backend)
+        else:
+            y = document_attention(q, k, v, forward_backend(self.backend), docs)
         if self.xsa:
             y = (xsa if self.xsa_fused else exclusive_self_attention)(y, v[:, T - tail:])
         if self.gate_channels:
@@ -2891,8 +2894,9 @@ class DocumentAdapters:
 class TestTimeTraining:
     """Score-first test-time training over the validation documents (document_starts), on a copy of the scored model.
     Each document is scored chunk by chunk (TTT_CHUNK targets) under no gradient, by windows of its own tokens
-    (chunk_windows; with TTT_CONTEXT=stream they also read the tokens before it), and with TTT_MODE=lora its adapter then trains on the chunk just scored, so every target is
-    scored once, by weights adapted only on targets before it. With TTT_PHASES=P the documents form P + 1 phases of
+    (chunk_windows; with TTT_CONTEXT=stream they also read the tokens before it), and with TTT_MODE=lora its
+    adapter then trains on the chunk just scored, so every target is scored once, by weights adapted only on
+    targets before it. With TTT_PHASES=P the documents form P + 1 phases of
     equal document counts; after each phase but the last, SGD on all weights over that phase's documents, which
     every rank has scored by then. A phase's documents are split over the ranks by their target counts, each rank
     scoring its own, TTT_BATCH_DOCS side by side."""
@@ -2917,8 +2921,8 @@ class TestTimeTraining:
 
     def _rows(self, spans: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
         """For spans (document, start, first, end, slot) in document positions (start < 0: before the document):
-        token rows (R, window + 1) from each document's token `start` on, filled with token 0 after token `end` (never context of a scored target), the
-        mask of the targets first..end-1 and the bytes of every target."""
+        token rows (R, window + 1) from each document's token `start` on, filled with token 0 after token `end`
+        (never context of a scored target), the mask of the targets first..end-1 and the bytes of every target."""
         doc, start, first, end = queued_copy(spans[:, :4], self.rt.device).unbind(1)
         index = (self.starts[doc] + start)[:, None] + self.offsets
         index = index.clamp(max=len(self.tokens) - 1)
@@ -3673,7 +3677,6 @@ MODEL_SETTINGS = tuple(name for group, name in settings_groups() if group == "mo
 def model_settings(h: Hyperparameters) -> dict:
     """The settings an artifact stores: the model's shape, no paths."""
     return {name: getattr(h, name) for name in MODEL_SETTINGS}
-
 
 
 def stored_model_settings(config: dict, h: Hyperparameters, source: str) -> dict:
