@@ -1,7 +1,8 @@
 """DOC_MASK's attention and LOSS_KERNEL=triton on a GPU, on synthetic tokens (no data needed): for every
 attention backend that runs here, document_attention compiled (fullgraph, as in training) against the
 masked attention in float32 (output and q/k/v gradients, a whole window and the scorer's last 64), then
-its forward + backward time against plain causal attention at the record's shapes; the fused soft-capped
+its forward + backward time against plain causal attention at the record's shapes; the scoring forward
+without autograd (checked and timed, and flex itself there); the fused soft-capped
 cross-entropy against the compiled plain loss (value, gradient, time).
 
     python3 bench/docmask_check.py          # DOCS_MEAN=<tokens> sets the mean document length (default 600)
@@ -69,6 +70,27 @@ for tail in (T, 64):
         except Exception as e:  # report and go on: the other backends still tell something
             print(f"check {backend} tail {tail}: FAILED {type(e).__name__}: {str(e)[:300]}")
 
+# scoring: compiled without autograd, as the evaluator runs it (forward_backend: a flex model scores through
+# sdpa's mask), checked and timed at the scorer's shapes (64 windows)
+def scoring(backend: str, tail: int):
+    """The compiled scoring attention of `backend` on 64 windows, and its relative error against float32 sdpa."""
+    idx = tokens(64, mean)
+    q, k, v = (torch.randn(64, n, heads, D, device=device, dtype=torch.bfloat16) for n, heads in ((tail, H), (T, HKV), (T, HKV)))
+    fn = torch.compile(lambda q, k, v, idx: tg.document_attention(q, k, v, backend, tg.document_mask(idx, tail, backend)),
+                       fullgraph=True, dynamic=False)
+    want = tg.document_attention(q[:4].float(), k[:4].float(), v[:4].float(), "sdpa", tg.document_mask(idx[:4], tail, "sdpa"))
+    return rel(fn(q, k, v, idx)[:4], want), timed(fn, q, k, v, idx)
+
+
+with torch.no_grad():
+    for backend in backends:
+        for tail in (T, 64):
+            try:
+                err, ms = scoring(tg.forward_backend(backend), tail)
+                print(f"scoring {backend} (as {tg.forward_backend(backend)}) tail {tail}: out rel err {err:.2e}, {ms:.2f} ms forward")
+            except Exception as e:
+                print(f"scoring {backend} tail {tail}: FAILED {type(e).__name__}: {str(e)[:300]}")
+
 # time: forward + backward of attention at the record's shapes
 idx = tokens(B, mean)
 print(f"documents per row: {((idx == tg.BOS_ID).sum(1) + 1).float().mean().item():.1f} (mean length {mean:g})")
@@ -96,3 +118,12 @@ if tg.triton is not None:
     for name, f in (("plain", plain), ("fused", fused)):
         ms = timed(lambda: torch.autograd.grad(f(z, targets), z))
         print(f"time loss {name}: {ms:.2f} ms forward+backward ({B * T} x {V})")
+
+# last, as it may leave the CUDA context unusable: flex itself compiled without autograd, which failed on
+# torch 2.11 (bench/RESULTS.md, "DOC_MASK on the GPU"); forward_backend routes around it while it fails
+with torch.no_grad():
+    try:
+        err, ms = scoring("flex", T)
+        print(f"scoring flex itself tail {T}: out rel err {err:.2e}, {ms:.2f} ms forward (forward_backend could keep flex)")
+    except Exception as e:
+        print(f"scoring flex itself tail {T}: FAILED {type(e).__name__}: {str(e)[:200]}")
