@@ -39,6 +39,13 @@ def timed(fn, *args, reps: int = 20) -> float:
     return 1000 * (time.perf_counter() - t0) / reps
 
 
+def compiled_masked(backend: str, tail: int):
+    """document_attention of `backend` over the last `tail` queries, with its mask built in the graph, compiled
+    (fullgraph, as in the model): fn(q, k, v, idx)."""
+    return torch.compile(lambda q, k, v, idx: tg.document_attention(q, k, v, backend, tg.document_mask(idx, tail, backend)),
+                         fullgraph=True, dynamic=False)
+
+
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -59,8 +66,7 @@ for tail in (T, 64):
     want = tg.document_attention(*leaves, "sdpa", tg.document_mask(idx, tail, "sdpa"))
     want_grads = torch.autograd.grad(want, leaves, grad.float())
     for backend in backends:
-        fn = torch.compile(lambda q, k, v, idx, b=backend, t=tail: tg.document_attention(q, k, v, b, tg.document_mask(idx, t, b)),
-                           fullgraph=True, dynamic=False)
+        fn = compiled_masked(backend, tail)
         leaves = [t.clone().requires_grad_() for t in (q0, k0, v0)]
         try:
             got = fn(*leaves, idx)
@@ -76,8 +82,7 @@ def scoring(backend: str, tail: int):
     """The compiled scoring attention of `backend` on 64 windows, and its relative error against float32 sdpa."""
     idx = tokens(64, mean)
     q, k, v = (torch.randn(64, n, heads, D, device=device, dtype=torch.bfloat16) for n, heads in ((tail, H), (T, HKV), (T, HKV)))
-    fn = torch.compile(lambda q, k, v, idx: tg.document_attention(q, k, v, backend, tg.document_mask(idx, tail, backend)),
-                       fullgraph=True, dynamic=False)
+    fn = compiled_masked(backend, tail)
     want = tg.document_attention(q[:4].float(), k[:4].float(), v[:4].float(), "sdpa", tg.document_mask(idx[:4], tail, "sdpa"))
     return rel(fn(q, k, v, idx)[:4], want), timed(fn, q, k, v, idx)
 
@@ -98,7 +103,7 @@ q, k, v = (torch.randn(B, T, heads, D, device=device, dtype=torch.bfloat16, requ
 grad = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
 for backend in backends:
     plain = torch.compile(lambda q, k, v, idx, b=backend: tg.causal_attention(q, k, v, "sdpa" if b == "flex" else b), fullgraph=True)
-    masked = torch.compile(lambda q, k, v, idx, b=backend: tg.document_attention(q, k, v, b, tg.document_mask(idx, T, b)), fullgraph=True)
+    masked = compiled_masked(backend, T)
     for name, fn in (("causal", plain), ("doc_mask", masked)):
         try:
             ms = timed(lambda: torch.autograd.grad(fn(q, k, v, idx), (q, k, v), grad))
