@@ -44,7 +44,8 @@ class Hyperparameters:
     """Each attribute is read once from the environment variable of the same name, upper-cased.
     The defaults are the 1.1271 record run (PR #287: 11 layers, XSA on the last 4, EMA 0.997) except
     where measured better (bench/RESULTS.md): LOGIT_SOFTCAP 20 (30), QK_GAIN_INIT 4.0 (1.5),
-    RESIDUAL_DTYPE bf16 (fp32), and the export: GPTQ with int5 block matrices (int6 with a clip search);
+    RESIDUAL_DTYPE bf16 (fp32), the export: GPTQ with int5 block matrices (int6 with a clip search), and
+    the evaluation: score-first TTT with LoRA adapters (TTT_MODE lora, TTT_LR 0.003, TTT_CONTEXT stream);
     ROPE_BASE is the record's effective base at 2048, written out."""
 
     # ---- data and run
@@ -158,15 +159,15 @@ class Hyperparameters:
     eval_doc_scores: str = ""        # CSV of per-document scores of the scored evaluation; "" = none
 
     # ---- test-time training (docs/TTT.md): score first, then adapt
-    ttt_mode: str = "off"            # off | lora (per-document adapters) | sgd (global phases)
+    ttt_mode: str = "lora"           # off | lora (per-document adapters) | sgd (global phases)
     ttt_chunk: int = 256             # targets scored, then adapted on, at a time in a document
-    ttt_lr: float = 0.001            # adapter learning rate
+    ttt_lr: float = 0.003            # adapter learning rate
     ttt_epochs: int = 1              # adapter steps on each scored chunk
     ttt_optimizer: str = "adam"      # adam | sgd: the adapters' optimiser
     ttt_lora_rank: int = 8           # rank of each adapter
     ttt_lora_targets: str = "q,v,o"  # adapted projections of every block: q,k,v,o,fc,proj
     ttt_batch_docs: int = 16         # documents scored (and adapted) side by side on a rank
-    ttt_context: str = "document"    # document | stream: windows also read the text before a BOS
+    ttt_context: str = "stream"      # document | stream: windows also read the text before a BOS
     ttt_phases: int = 0              # global SGD phases on the documents scored so far
     ttt_global_lr: float = 0.002     # SGD (momentum 0.9) on all weights after a phase
     ttt_global_epochs: int = 1       # passes over a phase's documents
@@ -280,7 +281,8 @@ class Hyperparameters:
         need(not self.train_seq_schedule.strip() or self.recur_start == 0 or self.warmup_steps >= 2 * len(lengths) or self.compile == "0",
              f"WARMUP_STEPS={self.warmup_steps}: expected at least {2 * len(lengths)} with TRAIN_SEQ_SCHEDULE and RECUR_START > 0 "
              "(a priming step per length, with and without the repeats)")
-        need(self.ttt_mode != "lora" or self.ttt_chunk <= self.eval_seq_len, f"TTT_CHUNK={self.ttt_chunk}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len} (a chunk is adapted on in one window)")
+        need(self.ttt_mode != "lora" or self.ttt_chunk <= self.eval_seq_len, f"TTT_CHUNK={self.ttt_chunk}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len} (a chunk is adapted on in one window): "
+             "lower TTT_CHUNK, or set TTT_MODE=off")
         self.lora_targets()
         need(self.ttt_mode != "sgd" or self.ttt_phases >= 1, "TTT_MODE=sgd adapts only between global phases: expected TTT_PHASES >= 1")
 
@@ -449,7 +451,7 @@ ALIASES = {name: hint for names, hint in (
     (("EMA",), "use WEIGHT_AVG=ema (the default) and EMA_DECAY"),
     (("SWA",), "use WEIGHT_AVG=swa, SWA_EVERY and SWA_THRESHOLD"),
     (("QAT",), "use LATE_QAT_THRESHOLD (LR scale below which fake quantization starts; 0 = off)"),
-    (("TTT_ENABLED",), "use TTT_MODE=lora (per-document adapters) or TTT_MODE=sgd (global SGD phases); off by default"),
+    (("TTT_ENABLED",), "use TTT_MODE=lora (per-document adapters) or TTT_MODE=sgd (global SGD phases); TTT_MODE=lora is the default"),
 ) for name in names}
 # Words of setting names that are also common in unrelated environment variables (MAX_JOBS, DATA_DIR,
 # GDK_BACKEND, CGO_ENABLED, CMAKE_BUILD_PARALLEL_LEVEL, AB_STEPS of bench/ab_step.py, the launchers' LOCAL_RANK

@@ -1,6 +1,6 @@
 """Proxy ablations, one run per GPU at a time: every ARM at every seed, each the 300 s one-GPU proxy
-run (bench/RESULTS.md, command P) plus the arm's settings, then a markdown table of the submission score (quantized
-round trip, sliding window) against the first arm.
+run (bench/RESULTS.md, command P) plus the arm's settings, then a markdown table of the submission score (the
+quantized round trip's test-time-training score, or its sliding window with TTT_MODE=off) against the first arm.
 
     DATA_PATH=... TOKENIZER_PATH=... python3 bench/ablate.py --seeds 1337,42 \\
         defaults QK_GAIN_INIT=1.5 "ROPE_DIMS=16 LN_SCALE=1"

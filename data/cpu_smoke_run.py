@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The newcomer's run: on a CPU, with no GPU and no download, build the synthetic corpus and train a tiny model
-with train_gpt.py end to end (training, averaging, quantized export, round trip, sliding-window score).
+with train_gpt.py end to end (training, averaging, quantized export, round trip, sliding-window score, test-time
+training).
 
     python data/cpu_smoke_run.py
 
@@ -37,7 +38,7 @@ TINY_RUN = dict(ITERATIONS=150, TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=256, GRAD
                 WARMDOWN_ITERS=50, MAX_WALLCLOCK_SECONDS=0, EMA_DECAY=0.9,  # 0.997 averages over too many of 150 steps
                 EVAL_SEQ_LEN=256, EVAL_STRIDE=64, EVAL_BATCH_SEQS=32, VAL_LOSS_EVERY=50, TRAIN_LOG_EVERY=25,
                 COMPILE=0, SEED=1337)
-FINAL_PREFIXES = ("final_quant_roundtrip", "final_quant_sliding_window")
+FINAL_PREFIXES = ("final_quant_roundtrip", "final_quant_sliding_window", "final_ttt")
 
 
 def train_gpt_env(data_dir: Path, tokenizer: Path, vocab_size: int, run_id: str, **settings) -> dict[str, str]:

@@ -26,7 +26,7 @@ TINY_SETTINGS = dict(
     XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
     EVAL_STRIDE="16", EVAL_BATCH_SEQS="8", TRAIN_BATCH_TOKENS="1024", ITERATIONS="20", WARMUP_STEPS="2",
     WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="5",
-    MUON_MOMENTUM_WARMUP_STEPS="10", EMA_DECAY="0.9", COMPILE="0",
+    MUON_MOMENTUM_WARMUP_STEPS="10", EMA_DECAY="0.9", COMPILE="0", TTT_MODE="off",
 )
 
 
@@ -35,7 +35,8 @@ def run_script(cwd: Path, corpus, nproc: int = 1, timeout: int = 300, script: Pa
     data, tokenizer = corpus
     import train_gpt
     env = train_gpt.without_settings(os.environ) | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), OMP_NUM_THREADS="1") | TINY_SETTINGS
-    env |= {k: str(v) for k, v in settings.items()}
+    env |= {k: str(v) for k, v in settings.items() if v is not None}
+    env = {k: v for k, v in env.items() if settings.get(k, '') is not None}  # None: the setting left at its default
     script = str(script or REPO / "train_gpt.py")
     command = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]

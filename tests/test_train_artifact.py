@@ -407,7 +407,7 @@ MODEL_CHANGES = dict(vocab_size=80, num_layers=3, model_dim=48, num_heads=2, num
                      recur_layers="2", recur_repeats=2, parallel_resid_start=2, attn_gate="head", smear_gate="input")
 MODEL_BASE = dict(vocab_size=96, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
                   bigram_dim=16, xsa_last_n=1, ve_layers="2", ve_dim=8, train_seq_len=16, eval_seq_len=16, eval_stride=8,
-                  recur_layers="1")
+                  recur_layers="1", ttt_mode="off")
 
 
 def model_function(h, state=None):

@@ -79,7 +79,7 @@ def recording_run(shards, compile_backend=None, log=None, evaluator=None, **kw):
                     bigram_vocab_size=32, bigram_dim=16, train_seq_len=32, eval_seq_len=32, eval_stride=16, train_batch_tokens=128,
                     grad_accum_steps=1, iterations=12, warmup_steps=2, warmdown_iters=10, max_wallclock_seconds=0.0,
                     val_loss_every=0, train_log_every=100, quant_method="rtn", compile="0", attn_backend="sdpa",
-                    mlp_kernel="torch", qk_kernel="torch", xsa_kernel="torch", xsa_last_n=1)
+                    mlp_kernel="torch", qk_kernel="torch", xsa_kernel="torch", xsa_last_n=1, ttt_mode="off")
     h = tg.Hyperparameters(**(settings | kw))
     h.validate()
     rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), compile=compile_backend is not None,

@@ -34,7 +34,7 @@ def stream(docs) -> torch.Tensor:
 def setup(**kw):
     """A tiny model with non-trivial outputs, byte tables, and the TTT settings (chunks of 16, windows of 32)."""
     h = tiny_h(**(dict(eval_seq_len=32, eval_stride=8, eval_batch_seqs=4, ttt_mode="lora", ttt_chunk=16, ttt_lr=0.05,
-                       ttt_batch_docs=3, ttt_global_batch=4) | kw))
+                       ttt_batch_docs=3, ttt_global_batch=4, ttt_context="document") | kw))
     h.validate()
     model = tg.build_model(h)
     g = torch.Generator().manual_seed(5)
@@ -236,7 +236,7 @@ def test_two_ranks_score_as_one(tmp_path):
 @pytest.mark.parametrize("settings, message", [
     (dict(TTT_MODE="on"), "TTT_MODE='on': expected one of off, lora, sgd"),
     (dict(TTT_MODE="sgd"), "TTT_MODE=sgd adapts only between global phases: expected TTT_PHASES >= 1"),
-    (dict(TTT_LR="0.01"), "TTT_LR=0.01 has no effect with TTT_MODE=off"),
+    (dict(TTT_MODE="off", TTT_LR="0.01"), "TTT_LR=0.01 has no effect with TTT_MODE=off"),
     (dict(TTT_MODE="sgd", TTT_PHASES="2", TTT_LORA_RANK="4"), "TTT_LORA_RANK=4 has no effect with TTT_MODE=sgd"),
     (dict(TTT_MODE="lora", TTT_GLOBAL_LR="0.01"), "TTT_GLOBAL_LR=0.01 has no effect with TTT_PHASES=0"),
     (dict(TTT_MODE="lora", TTT_CHUNK="4096"), "TTT_CHUNK=4096: expected 1..EVAL_SEQ_LEN=2048"),
@@ -247,7 +247,7 @@ def test_two_ranks_score_as_one(tmp_path):
     (dict(TTT_MODE="lora", TTT_LORA_TARGETS="q,q"), "TTT_LORA_TARGETS='q,q': expected distinct names"),
     (dict(TTT_MODE="lora", TTT_OPTIMIZER="muon"), "TTT_OPTIMIZER='muon': expected one of adam, sgd"),
     (dict(TTT_MODE="lora", TTT_CONTEXT="all"), "TTT_CONTEXT='all': expected one of document, stream"),
-    (dict(TTT_CONTEXT="stream"), "TTT_CONTEXT=stream has no effect with TTT_MODE=off"),
+    (dict(TTT_MODE="off", TTT_CONTEXT="stream"), "TTT_CONTEXT=stream has no effect with TTT_MODE=off"),
     (dict(TTT_ENABLED="1"), "unknown setting TTT_ENABLED: use TTT_MODE=lora"),
     (dict(TTT_CHUNK_SIZE="32"), "unknown setting TTT_CHUNK_SIZE: no setting has that name; the nearest is TTT_CHUNK"),
 ])
@@ -272,7 +272,7 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     result = run(RUN_ID="ttt", EVAL_DOC_SCORES="trained.csv", **ttt)
     assert result.returncode == 0, result.stderr
     trained = (run.cwd / "logs/ttt.txt").read_text()
-    assert re.search(r"^final_ttt val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms mode:lora phases:1 documents:\d+ context:document$", trained, re.M)
+    assert re.search(r"^final_ttt val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms mode:lora phases:1 documents:\d+ context:stream$", trained, re.M)
     result = run(RUN_ID="rescore", EVAL_ARTIFACT="logs/ttt.model.zst", EVAL_DOC_SCORES="rescored.csv", **ttt)
     assert result.returncode == 0, result.stderr
     rescored = (run.cwd / "logs/rescore.txt").read_text()
@@ -290,6 +290,22 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     assert "final_ttt" not in sliding_log.split("\n==== end of source ====\n", 1)[1] and [t for _, t, _, _ in sliding] == [t for _, t, _, _ in docs]
     loss = float(re.search(r"val_loss:([\d.]+)", final(sliding_log, "final_quant_sliding_window_exact")).group(1))
     assert sum(n for *_, n in sliding) / sum(t for _, t, _, _ in sliding) == pytest.approx(loss, abs=1e-8)
+
+
+
+def test_by_default_the_score_is_lora_ttt_with_the_streams_context(run):
+    """With TTT_MODE unset, the run scores with score-first LoRA TTT in the stream's context at rate 0.003,
+    and that is the score records/ reads from its log."""
+    from records.logparse import parse_log
+    default = run(RUN_ID="default", TTT_MODE=None, TTT_CHUNK="32")
+    assert default.returncode == 0, default.stderr
+    chosen = run(RUN_ID="chosen", TTT_MODE="lora", TTT_CHUNK="32", TTT_LR="0.003", TTT_CONTEXT="stream")
+    assert chosen.returncode == 0, chosen.stderr
+    logs = [(run.cwd / f"logs/{name}.txt").read_text() for name in ("default", "chosen")]
+    assert final(logs[0], "final_ttt_exact") == final(logs[1], "final_ttt_exact")
+    assert final(logs[0], "final_ttt").endswith("context:stream")
+    bpb = {prefix: float(final(logs[0], prefix).split("val_bpb:")[1]) for prefix in ("final_ttt_exact", "final_quant_sliding_window_exact")}
+    assert parse_log(run.cwd / "logs/default.txt").score().val_bpb == bpb["final_ttt_exact"] != bpb["final_quant_sliding_window_exact"]
 
 
 def test_a_bad_ttt_setting_is_one_line_and_exit_status_2(run):
