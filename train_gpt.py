@@ -3664,11 +3664,15 @@ def train_and_export(h: Hyperparameters, rt: Runtime, log: RunLog, artifact_path
 
 def score_artifact(path: Path, model: GPT, evaluator: Evaluator, h: Hyperparameters, log: RunLog) -> None:
     """The score of a run, after training and when re-scoring: the artifact's bytes on disk, loaded into
-    the evaluator's model, the sizes counted against the cap, and the final lines."""
+    the evaluator's model, the sizes counted against the cap, the final lines, and the time all that took."""
+    started = time.perf_counter()
     state, _ = load_artifact(path)
     model.load_state_dict(state)
     log_sizes(log, path.stat().st_size)
     log_final_scores(log, evaluator, h)
+    total_ms = rank_max(1000 * (time.perf_counter() - started), evaluator.rt)
+    log(f"evaluation_time: total:{total_ms:.0f}ms cap:600000ms on 8xH100 (the artifact read back and every score "
+        "above, compiling included, on the slowest rank)")
 
 
 # The "model shape" group of Hyperparameters: the settings that fix the saved weights and the function they

@@ -31,12 +31,12 @@ TINY_SETTINGS = dict(
 
 
 def run_script(cwd: Path, corpus, nproc: int = 1, timeout: int = 300, script: Path | None = None, **settings) -> subprocess.CompletedProcess:
-    """Run train_gpt.py, or another form of it (`script`), plainly or under torchrun with nproc processes, in `cwd`."""
+    """Run train_gpt.py, or another form of it (`script`), plainly or under torchrun with nproc processes, in `cwd`,
+    with TINY_SETTINGS and `settings` (a setting given as None is left at the script's default)."""
     data, tokenizer = corpus
     import train_gpt
     env = train_gpt.without_settings(os.environ) | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), OMP_NUM_THREADS="1") | TINY_SETTINGS
-    env |= {k: str(v) for k, v in settings.items() if v is not None}
-    env = {k: v for k, v in env.items() if settings.get(k, '') is not None}  # None: the setting left at its default
+    env = {k: str(v) for k, v in (env | settings).items() if v is not None}
     script = str(script or REPO / "train_gpt.py")
     command = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]

@@ -267,6 +267,13 @@ def read_csv(path):
     return [(int(d), int(t), int(b), float(n)) for d, t, b, n in rows[1:]]
 
 
+def evaluation_ms(log: str) -> tuple[int, int]:
+    """The evaluation_time line's total, and the sum of the eval_time fields of the final scores it covers."""
+    body = log.split("\n==== end of source ====\n", 1)[1]
+    total = int(re.search(r"^evaluation_time: total:(\d+)ms cap:600000ms on 8xH100 ", body, re.M).group(1))
+    return total, sum(int(ms) for ms in re.findall(r"^final_\w+ .*eval_time:(\d+)ms", body, re.M))
+
+
 def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     ttt = dict(TTT_MODE="lora", TTT_CHUNK="32", TTT_LR="0.01", TTT_PHASES="1", TTT_GLOBAL_LR="0.01")
     result = run(RUN_ID="ttt", EVAL_DOC_SCORES="trained.csv", **ttt)
@@ -278,6 +285,9 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     rescored = (run.cwd / "logs/rescore.txt").read_text()
     for prefix in ("final_ttt_exact", "final_quant_sliding_window_exact"):
         assert final(rescored, prefix) == final(trained, prefix)
+    for log in (trained, rescored):  # the evaluation's time covers every score, the TTT pass included
+        total, scores = evaluation_ms(log)
+        assert total + 2 >= scores > 0  # each eval_time is rounded to the millisecond
     docs = read_csv(run.cwd / "trained.csv")
     assert docs == read_csv(run.cwd / "rescored.csv")
     loss = float(re.search(r"val_loss:([\d.]+)", final(trained, "final_ttt_exact")).group(1))
