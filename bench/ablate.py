@@ -10,8 +10,9 @@ any run starts. Settings in the environment other than DATA_PATH and TOKENIZER_P
 --base applies settings to every arm. Run k of a GPU machine gets GPU k modulo the GPU count (CUDA_VISIBLE_DEVICES), and
 the runs of one slot follow each other; on a machine without GPUs, `--slots` runs go side by side.
 train_gpt.py writes logs/<RUN_ID>.txt under --workdir, RUN_ID = <tag>_<arm>_s<seed>; its console
-goes to logs/<RUN_ID>.out. Each row shows the steps and the sliding evaluation's time, so that a
-slower machine shows itself: rows whose runs differ there do not isolate their setting.
+goes to logs/<RUN_ID>.out. Each row also shows the sliding window's val_bpb (with TTT on, the model's part
+of the score), the steps and the sliding evaluation's and TTT's times, so that a slower machine shows itself:
+rows whose runs differ there do not isolate their setting.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "records"))
 import train_gpt  # noqa: E402
-from logparse import MAX_TOTAL_BYTES, SCORE_LINE, parse_log  # noqa: E402
+from logparse import MAX_TOTAL_BYTES, SCORE_LINE, TTT_SCORE_LINE, parse_log  # noqa: E402
 
 PROXY = dict(TRAIN_BATCH_TOKENS="131072", GRAD_ACCUM_STEPS="1", TRAIN_SEQ_LEN="2048", EVAL_SEQ_LEN="2048",
              MAX_WALLCLOCK_SECONDS="300", ITERATIONS="100000", WARMDOWN_ITERS="950",
@@ -96,16 +97,27 @@ def run_all(jobs: list[tuple[str, dict]], slots: int, gpus: int, workdir: Path) 
                 print(f"{time.strftime('%H:%M:%S')} finished {rid}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
 
 
-def eval_seconds(run) -> str:
-    """The sliding evaluation's time (its `final_quant_sliding_window` line; the `_exact` one has none)."""
-    line = run.evals.get(SCORE_LINE.removesuffix("_exact"))
-    return f"{line.eval_time_ms / 1000:.1f}" if line and line.eval_time_ms is not None else "?"
+def eval_seconds(run, score_line: str) -> str:
+    """An evaluation's time, from its line without `_exact` (which has none); `-` for a run without it."""
+    line = run.evals.get(score_line.removesuffix("_exact"))
+    return "-" if line is None else f"{line.eval_time_ms / 1000:.1f}" if line.eval_time_ms is not None else "?"
+
+
+def per_seed(runs, cell) -> str:
+    """One table cell: `cell` of each seed's run, joined."""
+    return " / ".join(cell(run) for run in runs)
+
+
+def sliding_bpb(run) -> str:
+    """The sliding window's val_bpb: the score with TTT_MODE=off, the model's part of it otherwise."""
+    line = run.evals.get(SCORE_LINE)
+    return f"{line.val_bpb:.4f}" if line else "?"
 
 
 def table(arms: list[str], seeds: list[int], tag: str, workdir: Path) -> tuple[str, bool]:
     """The markdown table and whether every run produced a score."""
-    rows = ["| arm | val_bpb per seed | mean | delta | steps | step ms | sliding eval s | total bytes |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| arm | val_bpb per seed | mean | delta | sliding val_bpb | steps | step ms | sliding eval s | TTT s | total bytes |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     complete, base = True, None
     for arm in arms:
         logs = [workdir / "logs" / f"{run_id(tag, arm, seed)}.txt" for seed in seeds]
@@ -114,7 +126,7 @@ def table(arms: list[str], seeds: list[int], tag: str, workdir: Path) -> tuple[s
         if any(s is None for s in scores):
             complete = False
             missing = [str(p.with_suffix(".out")) for p, s in zip(logs, scores) if s is None]
-            rows.append(f"| {arm} | no score: see {', '.join(missing)} | | | | | | |")
+            rows.append(f"| {arm} | no score: see {', '.join(missing)} | | | | | | | | |")
             continue
         bpb = [s.val_bpb for s in scores]
         mean = statistics.fmean(bpb)
@@ -124,9 +136,10 @@ def table(arms: list[str], seeds: list[int], tag: str, workdir: Path) -> tuple[s
             delta = f"{mean - base:+.4f}" if base is not None else "(no reference)"
         total = max(r.total_bytes or 0 for r in runs)
         size = f"{total:,}" + (" (over the cap)" if total > MAX_TOTAL_BYTES else "")
-        rows.append(f"| {arm} | {' / '.join(f'{b:.4f}' for b in bpb)} | {mean:.4f} | {delta} | "
-                    f"{' / '.join(str(r.last_step) for r in runs)} | {' / '.join(f'{r.last_step_avg_ms:.1f}' for r in runs)} | "
-                    f"{' / '.join(eval_seconds(r) for r in runs)} | {size} |")
+        cells = [" / ".join(f"{b:.4f}" for b in bpb), f"{mean:.4f}", delta, per_seed(runs, sliding_bpb),
+                 per_seed(runs, lambda r: str(r.last_step)), per_seed(runs, lambda r: f"{r.last_step_avg_ms:.1f}"),
+                 per_seed(runs, lambda r: eval_seconds(r, SCORE_LINE)), per_seed(runs, lambda r: eval_seconds(r, TTT_SCORE_LINE)), size]
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(rows), complete
 
 

@@ -36,12 +36,12 @@ def test_runs_every_arm_and_seed_and_tabulates(tmp_path, tiny_corpus, monkeypatc
     monkeypatch.setenv("TOKENIZER_PATH", str(tokenizer))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("QK_GAIN_INIT", "9.0")  # settings in the environment are ignored: --base is the way
-    arms = ["defaults", "QK_GAIN_INIT=1.5 LOGIT_SOFTCAP=30"]
+    arms = ["defaults", "QK_GAIN_INIT=1.5 LOGIT_SOFTCAP=30 TTT_MODE=lora TTT_CHUNK=32"]
     code = ablate.main(["--workdir", str(tmp_path), "--seeds", "1,2", "--slots", "2", "--tag", "t", "--base", TINY, *arms])
     out = capsys.readouterr().out
     assert code == 0, out
     scores = {}
-    for arm, slug in zip(arms, ["defaults", "QK_GAIN_INIT-1.5-LOGIT_SOFTCAP-30"]):
+    for arm, slug in zip(arms, ["defaults", "QK_GAIN_INIT-1.5-LOGIT_SOFTCAP-30-TTT_MODE-lora-TTT_CHUNK-32"]):
         runs = [parse_log(tmp_path / "logs" / f"t_{slug}_s{seed}.txt") for seed in (1, 2)]
         assert [r.seed for r in runs] == [1, 2]
         assert all(r.settings["ITERATIONS"] == "6" for r in runs)
@@ -55,6 +55,12 @@ def test_runs_every_arm_and_seed_and_tabulates(tmp_path, tiny_corpus, monkeypatc
     assert f"| {mean['defaults']:.4f} |" in rows[0]
     assert f"{mean[arms[1]] - mean['defaults']:+.4f}" in rows[1]
     assert f"{scores[arms[1]][0]:.4f} / {scores[arms[1]][1]:.4f}" in rows[1]
+    # the second arm is scored by TTT: its sliding window and TTT time have their own columns
+    second = [parse_log(tmp_path / "logs" / f"t_QK_GAIN_INIT-1.5-LOGIT_SOFTCAP-30-TTT_MODE-lora-TTT_CHUNK-32_s{seed}.txt") for seed in (1, 2)]
+    cells = [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert cells[4] == " / ".join(f"{r.evals['final_quant_sliding_window_exact'].val_bpb:.4f}" for r in second)
+    assert cells[8] == " / ".join(f"{r.evals['final_ttt'].eval_time_ms / 1000:.1f}" for r in second)
+    assert [c.strip() for c in rows[0].split("|")[1:-1]][8] == "- / -"  # TTT off in the first arm
 
 
 def test_a_failed_run_shows_in_the_table_and_the_exit_code(tmp_path, tiny_corpus, monkeypatch, capsys):
