@@ -135,6 +135,7 @@ class RunLog:
     public_vocab_size: int | None = None
     public_tokenizer: str | None = None
     last_ttt_progress_line: int = 0      # the last line of a test-time-training evaluation in progress
+    evaluation_ms: float | None = None   # ours: `evaluation_time: total:`, every score's wall time, compiling included
     lines: int = 0
 
     @property
@@ -310,6 +311,8 @@ def read_line(run: RunLog, line: str) -> None:
             run.last_train_time_ms = float(m["ms"])
     elif line.startswith("training_budget:"):
         run.budget_total_ms = number(dict(KEY_VALUE.findall(line)).get("total", ""))
+    elif line.startswith("evaluation_time:"):
+        run.evaluation_ms = number(dict(KEY_VALUE.findall(line.removeprefix("evaluation_time:"))).get("total", ""))
     elif m := ERROR_LINE.match(line):
         run.errors.append(m["message"])
     elif m := EVAL_LINE.match(line):

@@ -28,10 +28,10 @@ TOKENIZER_8192 = "/workspace/data/tokenizers/fineweb_8192_bpe.model"
 def write_log(path, *, seed=1337, val_loss=1.9031, val_bpb=1.1271, source=SOURCE, steps=7103,
               train_time_ms=599_912.0, model_bytes=15_468_512, code_bytes=None, total_bytes=None,
               eval_time_ms=70_000, gpus=(H100,) * 8, settings=None, drop=(), quantization_ms=None,
-              ttt=None, ttt_eval_time_ms=400_000, append=(), rename=None, versions=None) -> Path:
+              ttt=None, ttt_eval_time_ms=400_000, evaluation_ms=None, append=(), rename=None, versions=None) -> Path:
     """Write one seed's log and return its path. val_loss/val_bpb are the score (sliding window, exact).
     ttt=(loss, bpb) adds test-time-training progress lines and `final_ttt` / `final_ttt_exact` after the
-    sliding window; append adds lines at the end; rename={old: new} renames line prefixes (e.g. final_quant_)."""
+    sliding window; evaluation_ms adds the `evaluation_time:` line after them; append adds lines at the end; rename={old: new} renames line prefixes (e.g. final_quant_)."""
     code_bytes = len(source) if code_bytes is None else code_bytes
     total_bytes = model_bytes + code_bytes if total_bytes is None else total_bytes
     iterations = 9000
@@ -67,6 +67,8 @@ def write_log(path, *, seed=1337, val_loss=1.9031, val_bpb=1.1271, source=SOURCE
         lines += ["ttt_start chunks:1893", "ttt_chunk [1/1893] bpb=1.159980 time=0.5s",
                   f"final_ttt val_loss:{ttt[0]:.4f} val_bpb:{ttt[1]:.4f} eval_time:{ttt_eval_time_ms}ms",
                   f"final_ttt_exact val_loss:{ttt[0]:.8f} val_bpb:{ttt[1]:.8f}"]
+    if evaluation_ms is not None:
+        lines.append(f"evaluation_time: total:{evaluation_ms:.0f}ms cap:600000ms on 8xH100 (the artifact read back and every score above)")
     lines += list(append)
     lines = [line for line in lines if not line.startswith(tuple(drop))]
     for old, new in (rename or {}).items():

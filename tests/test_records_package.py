@@ -264,7 +264,7 @@ def test_a_failed_write_leaves_no_folder_and_no_temporary(tmp_path, monkeypatch,
 
 def test_the_ttt_score_when_the_log_has_one(tmp_path):
     ttt = {1337: (1.88010000, 1.11350000), 42: (1.88110000, 1.11410000), 2025: (1.87990000, 1.11330000)}
-    logs = three_logs(tmp_path, **{f"s{seed}": {"ttt": ttt[seed], "ttt_eval_time_ms": 455_000} for seed in SCORES})
+    logs = three_logs(tmp_path, **{f"s{seed}": {"ttt": ttt[seed], "ttt_eval_time_ms": 455_000, "evaluation_ms": 599_000} for seed in SCORES})
     package.main(package_args(tmp_path, logs))
     folder = tmp_path / "out" / "2026-03-25_Test_run"
     sub = json.loads((folder / "submission.json").read_text())
@@ -276,6 +276,8 @@ def test_the_ttt_score_when_the_log_has_one(tmp_path):
 
 @pytest.mark.parametrize("changes, expected", [
     ({"ttt": (1.88, 1.11), "ttt_eval_time_ms": 600_001}, "the scoring evaluation took 600001ms"),
+    ({"ttt": (1.88, 1.11), "ttt_eval_time_ms": 540_000, "evaluation_ms": 600_200},  # the sliding window counts too
+     "seed 42 (run_s42.txt): the evaluation took 600200ms (its evaluation_time line"),
     ({"ttt": (1.88, 1.11), "drop": ("final_ttt_exact",)}, "lacks the final lines: final_ttt_exact"),
 ])
 def test_ttt_refusals(tmp_path, changes, expected):
