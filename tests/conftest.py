@@ -30,16 +30,17 @@ TINY_SETTINGS = dict(
 )
 
 
-def run_script(cwd: Path, corpus, nproc: int = 1, timeout: int = 300, script: Path | None = None, **settings) -> subprocess.CompletedProcess:
-    """Run train_gpt.py, or another form of it (`script`), plainly or under torchrun with nproc processes, in `cwd`,
-    with TINY_SETTINGS and `settings` (a setting given as None is left at the script's default)."""
+def run_script(cwd: Path, corpus, nproc: int = 1, timeout: int = 300, script: Path | None = None, args=(), **settings) -> subprocess.CompletedProcess:
+    """Run train_gpt.py, or another form of it or a tool that runs it (`script`, with `args`), plainly or under
+    torchrun with nproc processes, in `cwd`, with TINY_SETTINGS and `settings` (a setting given as None is left
+    at the script's default)."""
     data, tokenizer = corpus
     import train_gpt
     env = train_gpt.without_settings(os.environ) | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), OMP_NUM_THREADS="1") | TINY_SETTINGS
     env = {k: str(v) for k, v in (env | settings).items() if v is not None}
     script = str(script or REPO / "train_gpt.py")
-    command = [sys.executable, script] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    command = [sys.executable, script, *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

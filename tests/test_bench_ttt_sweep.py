@@ -1,14 +1,11 @@
 """bench/ttt_sweep.py: every arm's TTT pass on one loaded artifact gives the score a re-score with that arm's
 settings gives, and bad arms stop before the artifact is read (tiny model on the CPU)."""
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SETTINGS
+from conftest import run_script
 
 import train_gpt as tg
 
@@ -39,12 +36,8 @@ def test_each_arm_scores_as_a_rescore_with_its_settings(run, tiny_corpus):
     assert run(RUN_ID="base").returncode == 0
     arms = {"TTT_CHUNK=32": dict(TTT_CHUNK="32"),
             "TTT_CHUNK=16 TTT_LR=0.01 TTT_CONTEXT=document": dict(TTT_CHUNK="16", TTT_LR="0.01", TTT_CONTEXT="document")}
-    data, tokenizer = tiny_corpus
-    env = tg.without_settings(os.environ) | dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), OMP_NUM_THREADS="1",
-                                                 RUN_ID="sweep") | ARTIFACT
-    env |= {k: v for k, v in TINY_SETTINGS.items() if not k.startswith("TTT_")}
-    swept = subprocess.run([sys.executable, str(REPO / "bench" / "ttt_sweep.py"), *arms], cwd=run.cwd, env=env,
-                           capture_output=True, text=True, timeout=300)
+    swept = run_script(run.cwd, tiny_corpus, script=REPO / "bench" / "ttt_sweep.py", args=list(arms), RUN_ID="sweep",
+                       TTT_MODE=None, **ARTIFACT)  # TTT settings go in the arms
     assert swept.returncode == 0, swept.stderr
     log = (run.cwd / "logs/sweep.txt").read_text().split("\n==== end of source ====\n", 1)[1]
     assert "final_ttt" not in re.sub(r"^sweep .*$", "", log, flags=re.M)  # the re-score itself runs no TTT pass
