@@ -69,6 +69,11 @@ def run(tmp_path, tiny_corpus):
 FINAL_EXACT = ("final_quant_roundtrip_exact", "final_quant_sliding_window_exact")
 
 
+def log_body(log: str) -> str:
+    """A run log after its embedded source (which itself contains log-like text)."""
+    return log.split("\n==== end of source ====\n", 1)[1]
+
+
 def final_lines(text: str) -> list[str]:
     """The run's exact final lines (round trip, then sliding window)."""
     return [line for line in text.splitlines() if line.startswith(FINAL_EXACT)]

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import log_body, run_script
 
 import train_gpt as tg
 
@@ -39,7 +39,7 @@ def test_each_arm_scores_as_a_rescore_with_its_settings(run, tiny_corpus):
     swept = run_script(run.cwd, tiny_corpus, script=REPO / "bench" / "ttt_sweep.py", args=list(arms), RUN_ID="sweep",
                        TTT_MODE=None, **ARTIFACT)  # TTT settings go in the arms
     assert swept.returncode == 0, swept.stderr
-    log = (run.cwd / "logs/sweep.txt").read_text().split("\n==== end of source ====\n", 1)[1]
+    log = log_body((run.cwd / "logs/sweep.txt").read_text())
     assert "final_ttt" not in re.sub(r"^sweep .*$", "", log, flags=re.M)  # the re-score itself runs no TTT pass
     sliding = float(re.search(r"^final_quant_sliding_window_exact .*val_bpb:([\d.]+)$", log, re.M).group(1))
     for label, settings in arms.items():

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import TINY_SETTINGS, gloo_ranks
+from conftest import TINY_SETTINGS, gloo_ranks, log_body
 
 # A model whose MLP matrices are exported as integers (more than SMALL_TENSOR_NUMEL elements each), so
 # that fitting a byte target has +-1 values to zero.
@@ -63,7 +63,7 @@ def test_a_reserve_at_or_above_the_time_cap_is_refused_before_training(run):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.fullmatch(r"error: the export quantization needs \d+ms reserved, at or above MAX_WALLCLOCK_SECONDS=0\.001: "
                         r"no time would be left to train .*", result.stderr.strip().splitlines()[-1]), result.stderr
-    log = (run.cwd / "logs/reserve.txt").read_text().split("\n==== end of source ====\n")[1]
+    log = log_body((run.cwd / "logs/reserve.txt").read_text())
     assert "step:1/" not in log and not (run.cwd / "logs/reserve.model.zst").exists()
 
 

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import log_body
 
 import train_gpt as tg
 
@@ -15,13 +16,8 @@ FINAL = [
 ]
 
 
-def body(log: str) -> str:
-    """The log after the embedded source (which itself contains log-like text)."""
-    return log.split("\n==== end of source ====\n", 1)[1]
-
-
 def values(log: str, prefix: str, key: str) -> list[float]:
-    return [float(m) for m in re.findall(rf"^{prefix}.*?{key}:([-\d.naif]+)", body(log), flags=re.M)]
+    return [float(m) for m in re.findall(rf"^{prefix}.*?{key}:([-\d.naif]+)", log_body(log), flags=re.M)]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +39,10 @@ def test_twenty_steps_lower_the_loss_and_write_the_log_and_artifact(trained):
     assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
     # Each step's record is read one step late: every step is still logged once, in order, and the
     # step before a validation (10, 20) carries the same train_time as that validation's line.
-    logged = [int(n) for n in re.findall(r"^step:(\d+)/20 train_loss", body(log), re.M)]
+    logged = [int(n) for n in re.findall(r"^step:(\d+)/20 train_loss", log_body(log), re.M)]
     assert logged == [*range(1, 11), 15, 20]
     for n in (10, 20):
-        times = re.findall(rf"^step:{n}/20 .*train_time:(\d+)ms", body(log), re.M)
+        times = re.findall(rf"^step:{n}/20 .*train_time:(\d+)ms", log_body(log), re.M)
         assert len(times) == 2 and times[0] == times[1]
     val = values(log, r"step:\d+/20 val_loss", "val_bpb")
     assert len(val) == 3 and val[2] < val[1] < val[0]  # steps 0, 10, 20
@@ -85,7 +81,7 @@ def test_rescoring_the_artifact_reproduces_the_final_scores(trained, tiny_corpus
     for prefix in ("final_quant_roundtrip_exact", "final_quant_sliding_window_exact"):
         line = re.search(rf"^{prefix} .*$", trained_log, re.M).group(0)
         assert line in rescored.splitlines()
-    assert "step:" not in body(rescored)  # no training happened
+    assert "step:" not in log_body(rescored)  # no training happened
 
 
 def test_a_run_id_is_never_reused(trained, tiny_corpus):
@@ -119,7 +115,7 @@ def test_two_ranks_stop_together_under_a_time_cap(run):
     result = run(nproc=2, RUN_ID="cap2", GRAD_ACCUM_STEPS="1", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="2",
                  timeout=240)
     assert result.returncode == 0, result.stderr
-    log = body((run.cwd / "logs/cap2.txt").read_text())
+    log = log_body((run.cwd / "logs/cap2.txt").read_text())
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms \(estimated\) step:(\d+)/100000", log, re.M)
     budget = re.search(r"^training_budget: train_time:(\d+)ms quantization:(\d+)ms total:(\d+)ms cap:2000ms", log, re.M)
     assert stop and budget and int(stop.group(2)) > 2 and int(budget.group(3)) <= 2000

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, TINY_SETTINGS
+from conftest import REPO, TINY_SETTINGS, log_body
 
 
 def leftovers(cwd: Path) -> list[str]:
@@ -141,7 +141,7 @@ def test_a_crash_ends_the_log_with_the_traceback_and_an_error_line(tmp_path, tin
     assert result.returncode == 1 and "ZeroDivisionError" in result.stderr
     log = (tmp_path / "logs/crash.txt").read_text()
     assert last_line(tmp_path / "logs/crash.txt") == "error: the run did not finish: ZeroDivisionError: division by zero in a test"
-    assert "Traceback (most recent call last):" in log.split("\n==== end of source ====\n", 1)[1]
+    assert "Traceback (most recent call last):" in log_body(log)
     assert leftovers(tmp_path) == []
 
 

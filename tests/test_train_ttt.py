@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import gloo_ranks
+from conftest import gloo_ranks, log_body
 from test_train_model import tiny_h
 
 VOCAB = 96
@@ -257,7 +257,7 @@ def test_bad_ttt_settings_stop_with_a_clear_message(settings, message):
 
 
 def final(log: str, prefix: str) -> str:
-    return re.search(rf"^{prefix} .*$", log.split("\n==== end of source ====\n", 1)[1], re.M).group(0)
+    return re.search(rf"^{prefix} .*$", log_body(log), re.M).group(0)
 
 
 def read_csv(path):
@@ -269,7 +269,7 @@ def read_csv(path):
 
 def evaluation_ms(log: str) -> tuple[int, int]:
     """The evaluation_time line's total, and the sum of the eval_time fields of the final scores it covers."""
-    body = log.split("\n==== end of source ====\n", 1)[1]
+    body = log_body(log)
     total = int(re.search(r"^evaluation_time: total:(\d+)ms cap:600000ms on 8xH100 ", body, re.M).group(1))
     return total, sum(int(ms) for ms in re.findall(r"^final_\w+ .*eval_time:(\d+)ms", body, re.M))
 
@@ -297,7 +297,7 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     result = run(RUN_ID="sliding", EVAL_ARTIFACT="logs/ttt.model.zst", EVAL_DOC_SCORES="sliding.csv")
     assert result.returncode == 0, result.stderr
     sliding_log, sliding = (run.cwd / "logs/sliding.txt").read_text(), read_csv(run.cwd / "sliding.csv")
-    assert "final_ttt" not in sliding_log.split("\n==== end of source ====\n", 1)[1] and [t for _, t, _, _ in sliding] == [t for _, t, _, _ in docs]
+    assert "final_ttt" not in log_body(sliding_log) and [t for _, t, _, _ in sliding] == [t for _, t, _, _ in docs]
     loss = float(re.search(r"val_loss:([\d.]+)", final(sliding_log, "final_quant_sliding_window_exact")).group(1))
     assert sum(n for *_, n in sliding) / sum(t for _, t, _, _ in sliding) == pytest.approx(loss, abs=1e-8)
 
