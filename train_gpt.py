@@ -165,7 +165,7 @@ class Hyperparameters:
     ttt_epochs: int = 1              # adapter steps on each scored chunk
     ttt_optimizer: str = "adam"      # adam | sgd: the adapters' optimiser
     ttt_lora_rank: int = 8           # rank of each adapter
-    ttt_lora_targets: str = "q,v,o"  # adapted projections of every block: q,k,v,o,fc,proj
+    ttt_lora_targets: str = "q,k,v,o,fc,proj"  # adapted projections of every block, of q,k,v,o,fc,proj
     ttt_batch_docs: int = 16         # documents scored (and adapted) side by side on a rank
     ttt_context: str = "stream"      # document | stream: windows also read the text before a BOS
     ttt_phases: int = 0              # global SGD phases on the documents scored so far

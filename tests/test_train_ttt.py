@@ -305,11 +305,12 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
 
 def test_by_default_the_score_is_lora_ttt_with_the_streams_context(run):
     """With TTT_MODE unset, the run scores with score-first LoRA TTT in the stream's context at rate 0.003,
-    and that is the score records/ reads from its log."""
+    with adapters on all six projections, and that is the score records/ reads from its log."""
     from records.logparse import parse_log
     default = run(RUN_ID="default", TTT_MODE=None, TTT_CHUNK="32")
     assert default.returncode == 0, default.stderr
-    chosen = run(RUN_ID="chosen", TTT_MODE="lora", TTT_CHUNK="32", TTT_LR="0.003", TTT_CONTEXT="stream")
+    chosen = run(RUN_ID="chosen", TTT_MODE="lora", TTT_CHUNK="32", TTT_LR="0.003", TTT_CONTEXT="stream",
+                 TTT_LORA_TARGETS="q,k,v,o,fc,proj")
     assert chosen.returncode == 0, chosen.stderr
     logs = [(run.cwd / f"logs/{name}.txt").read_text() for name in ("default", "chosen")]
     assert final(logs[0], "final_ttt_exact") == final(logs[1], "final_ttt_exact")
