@@ -80,6 +80,7 @@ class Hyperparameters:
     recur_layers: str = ""           # blocks run again after their first pass, e.g. "4,5"
     recur_repeats: int = 1           # extra passes of RECUR_LAYERS (shared weights)
     parallel_resid_start: int = 0    # attn and MLP read one input from this block; 0 = off
+    parallel_resid_lanes: int = 1    # 1 | 2: from PARALLEL_RESID_START, attn and MLP each read a lane of their own
     attn_gate: str = "off"           # off | head (per-head output gate) | sparse (12 inputs)
     smear_gate: str = "fixed"        # fixed (per channel) | input (shifted by x_t)
 
@@ -244,6 +245,14 @@ class Hyperparameters:
              f"WARMUP_STEPS={self.warmup_steps}: expected at least 2 with RECUR_START > 0 (the warm-up compiles both structures)")
         need(0 <= self.parallel_resid_start < self.num_layers,
              f"PARALLEL_RESID_START={self.parallel_resid_start}: expected 0 (off) or a block in 1..{self.num_layers - 1}")
+        need(self.parallel_resid_lanes in (1, 2), f"PARALLEL_RESID_LANES={self.parallel_resid_lanes}: expected 1 or 2")
+        need(self.parallel_resid_lanes == 1 or self.parallel_resid_start > 0,
+             "PARALLEL_RESID_LANES=2: expected PARALLEL_RESID_START > 0 (the first block of two lanes)")
+        # The lanes, once split, run to the last block: no looped block may run before a lane block and again after it.
+        split = self.parallel_resid_start
+        need(self.parallel_resid_lanes == 1 or not recur or recur[-1] < split or recur[0] >= split,
+             f"RECUR_LAYERS={self.recur_layers!r}: with PARALLEL_RESID_LANES=2, expected looped blocks all below "
+             f"PARALLEL_RESID_START={self.parallel_resid_start} or all from it")
         need(self.attn_gate != "sparse" or self.model_dim >= SPARSE_GATE_CHANNELS,
              f"ATTN_GATE=sparse: expected MODEL_DIM >= {SPARSE_GATE_CHANNELS} (the channels the gate reads)")
         need(0 < self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len}")
@@ -1186,18 +1195,29 @@ class Block(nn.Module):
         self.input_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
         self.ve_scale = tagged(nn.Parameter(torch.tensor(0.1)), "control") if layer in h.value_embedding_layers() else None
         self.parallel = 0 < h.parallel_resid_start <= layer  # attention and MLP both read the block's input
+        # PARALLEL_RESID_LANES=2: what the MLP adds to the attention's lane and the attention to the MLP's
+        lanes = self.parallel and h.parallel_resid_lanes == 2
+        self.lane_cross = tagged(nn.Parameter(torch.ones(2, dim)), "control") if lanes else None
 
     def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, tail: int | None = None, docs=None) -> Tensor:
         """Outputs of every position, or of the last `tail` only (their attention still reads all);
-        docs: None, or the document_mask() of this tail."""
+        docs: None, or the document_mask() of this tail. A block of two lanes takes and gives x of shape
+        (2, B, T, D): lane 0 feeds the attention, lane 1 the MLP."""
         mix = self.resid_mix.to(x.dtype)  # the stream keeps its dtype (see GPT.trunk)
         x = mix[0] * x + mix[1] * x0
         ve = self.ve_scale * value_embed if self.ve_scale is not None else None
-        tail = tail or x.size(1)
+        T = x.size(-2)
+        tail = tail or T
+        if self.lane_cross is not None:
+            attn = self.attn(rms_norm(x[0]) * self.input_scale, ve, tail, docs)
+            mlp = self.mlp(rms_norm(x[1, :, T - tail:]) * self.input_scale)
+            cross = self.lane_cross.to(x.dtype)
+            return torch.stack([x[0, :, T - tail:] + self.attn_scale.to(x.dtype) * attn + cross[0] * mlp,
+                                x[1, :, T - tail:] + cross[1] * attn + self.mlp_scale.to(x.dtype) * mlp])
         normed = rms_norm(x) * self.input_scale
         attn = self.attn(normed, ve, tail, docs)
-        x = x[:, x.size(1) - tail:] + self.attn_scale.to(x.dtype) * attn
-        mlp_in = normed[:, normed.size(1) - tail:] if self.parallel else rms_norm(x) * self.input_scale
+        x = x[:, T - tail:] + self.attn_scale.to(x.dtype) * attn
+        mlp_in = normed[:, T - tail:] if self.parallel else rms_norm(x) * self.input_scale
         return x + self.mlp_scale.to(x.dtype) * self.mlp(mlp_in)
 
 
@@ -1308,13 +1328,15 @@ class GPT(nn.Module):
         skips, order = [], self.block_order()
         for n, (i, first) in enumerate(order):  # the U-Net skips join the blocks' first passes
             block = self.blocks[i]
+            if block.lane_cross is not None and x.dim() == 3:  # the first block of two lanes: both start as x
+                x = torch.stack([x, x])
             if first and i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
             last = n == len(order) - 1
             x = block(x, x0, value_embed if block.ve_scale is not None else None, tail if last else None, last_docs if last else docs)
             if first and i < self.num_encoder:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x.mean(0) if x.dim() == 4 else x)  # two lanes end as their mean
 
     def logits(self, x: Tensor) -> Tensor:
         logits = F.linear(x, self.tok_emb.weight).float()

@@ -404,10 +404,11 @@ def test_the_model_settings_are_settings():
 MODEL_CHANGES = dict(vocab_size=80, num_layers=3, model_dim=48, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
                      mlp_act="leaky_relu2", logit_softcap=7.0, rope_base=500.0, rope_dims=8, ln_scale=True, xsa_last_n=2,
                      bigram_vocab_size=48, bigram_dim=8, ve_layers="1", ve_dim=16, residual_dtype="fp32", doc_mask=True,
-                     recur_layers="2", recur_repeats=2, parallel_resid_start=2, attn_gate="head", smear_gate="input")
+                     recur_layers="2", recur_repeats=2, parallel_resid_start=1, parallel_resid_lanes=2, attn_gate="head",
+                     smear_gate="input")
 MODEL_BASE = dict(vocab_size=96, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
                   bigram_dim=16, xsa_last_n=1, ve_layers="2", ve_dim=8, train_seq_len=16, eval_seq_len=16, eval_stride=8,
-                  recur_layers="1", ttt_mode="off")
+                  recur_layers="1", parallel_resid_start=2, ttt_mode="off")
 
 
 def model_function(h, state=None):

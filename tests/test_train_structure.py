@@ -1,5 +1,6 @@
 """The model structure of the later records, each against a hand computation of its effect: depth
-recurrence (RECUR_LAYERS, RECUR_REPEATS, RECUR_START), parallel residuals (PARALLEL_RESID_START), the
+recurrence (RECUR_LAYERS, RECUR_REPEATS, RECUR_START), parallel residuals (PARALLEL_RESID_START, in one
+lane or two: PARALLEL_RESID_LANES), the
 attention output gate (ATTN_GATE) and the input-dependent SmearGate (SMEAR_GATE); their parameters'
 routing, their settings' checks, and tiny end-to-end runs whose artifacts re-score to the same lines."""
 import re
@@ -177,6 +178,57 @@ def test_parallel_blocks_add_attention_and_mlp_of_one_input():
         assert (block.mlp(other) - block.mlp(mlp_in)).abs().max() > 1e-2  # the two forms differ here
 
 
+def lane_model(**kw):
+    """4 blocks (encoder 0, 1; decoder 2, 3), two lanes from block 2, random lane_cross."""
+    model = give_weight(tg.build_model(tiny_h(num_layers=4, parallel_resid_start=2, parallel_resid_lanes=2, **kw)))
+    return randomise(model, "lane_cross", seed=4)
+
+
+@torch.no_grad()
+def test_two_lane_blocks_add_each_output_to_both_lanes():
+    """PARALLEL_RESID_LANES=2: a block of lanes (a, m) gives (a + s_a*attn(n(a)) + c_0*mlp(n(m)),
+    m + c_1*attn(n(a)) + s_m*mlp(n(m))), a and m first mixed with x0; the tail: the last positions of both."""
+    torch.manual_seed(8)
+    model = lane_model(ln_scale=True)
+    assert [block.lane_cross is not None for block in model.blocks] == [False, False, True, True]
+    lanes, x0 = torch.randn(2, 2, 16, 64), torch.randn(2, 16, 64)
+    for layer in (2, 3):
+        block = model.blocks[layer]
+        mix, cross = block.resid_mix, block.lane_cross
+        a, m = mix[0] * lanes[0] + mix[1] * x0, mix[0] * lanes[1] + mix[1] * x0
+        attn = block.attn(rms(a) * (layer + 1) ** -0.5, None, 16)
+        mlp = block.mlp(rms(m) * (layer + 1) ** -0.5)
+        expected = torch.stack([a + block.attn_scale * attn + cross[0] * mlp, m + cross[1] * attn + block.mlp_scale * mlp])
+        close(block(lanes, x0, None), expected)
+        close(block(lanes, x0, None, 5), expected[:, :, -5:])
+        assert (block.mlp(rms(a) * (layer + 1) ** -0.5) - mlp).abs().max() > 1e-2  # the MLP reads its own lane
+
+
+@torch.no_grad()
+def test_two_lanes_start_as_the_stream_and_end_as_their_mean():
+    """The first block of two lanes takes x in both; the U-Net skips add to both; the trunk's output is the
+    norm of the lanes' mean. With lane_cross = (mlp_scale, attn_scale) the lanes stay equal: one lane's model."""
+    torch.manual_seed(9)
+    model = lane_model()
+    x0s = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: x0s.append(args[1]))
+    idx = torch.randint(0, VOCAB, (2, 16))
+    final = model.trunk(idx)
+    b, w, x0 = model.blocks, model.skip_weights, x0s[0]
+    out0 = b[0](x0, x0, None)
+    out1 = b[1](out0, x0, None)
+    lanes = b[2](torch.stack([out1, out1]) + w[0] * out1, x0, None)
+    lanes = b[3](lanes + w[1] * out0, x0, None)
+    close(final, rms(lanes.mean(0)))
+    close(model.trunk(idx, 5), final[:, -5:])
+    one_lane = give_weight(tg.build_model(tiny_h(num_layers=4, parallel_resid_start=2)))
+    one_lane.load_state_dict({k: v for k, v in model.state_dict().items() if "lane_cross" not in k})
+    assert (one_lane.trunk(idx) - final).abs().max() > 1e-2
+    for block in b[2:]:
+        block.lane_cross.copy_(torch.stack([block.mlp_scale, block.attn_scale]))
+    close(model.trunk(idx), one_lane.trunk(idx))
+
+
 # ---------------------------------------------------------------------------------------------
 # Gates
 # ---------------------------------------------------------------------------------------------
@@ -224,12 +276,12 @@ def test_input_smear_gate_shifts_the_gate_by_the_tokens_state():
 
 def test_new_parameters_are_control_tensors_routed_once():
     """Every gate is routed once, as a control tensor: AdamW's scalar group and fp32 in the artifact."""
-    h = tiny_h(attn_gate="head", smear_gate="input", recur_layers="0,1", parallel_resid_start=1)
+    h = tiny_h(attn_gate="head", smear_gate="input", recur_layers="0,1", parallel_resid_start=2, parallel_resid_lanes=2)
     model = tg.build_model(h)
     routes = tg.route_parameters(model)
     plain = tg.route_parameters(tg.build_model(tiny_h()))
     new = set(routes) - set(plain)
-    assert new == {"smear.shift", *(f"blocks.{i}.attn.gate" for i in range(3))}
+    assert new == {"smear.shift", "blocks.2.lane_cross", *(f"blocks.{i}.attn.gate" for i in range(3))}
     for name in new:
         assert routes[name] == "control" and tg.export_format(h, routes[name], 1) == tg.Format("fp32")
     export = tg.quantize_for_export(model, [], h, tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"),
@@ -254,6 +306,10 @@ def test_new_parameters_are_control_tensors_routed_once():
     (dict(recur_layers="1", recur_start=0.3, warmup_steps=1), "WARMUP_STEPS=1: expected at least 2 with RECUR_START > 0"),
     (dict(parallel_resid_start=3), "PARALLEL_RESID_START=3: expected 0 (off) or a block in 1..2"),
     (dict(parallel_resid_start=-1), "PARALLEL_RESID_START=-1: expected 0 (off) or a block in 1..2"),
+    (dict(parallel_resid_start=1, parallel_resid_lanes=3), "PARALLEL_RESID_LANES=3: expected 1 or 2"),
+    (dict(parallel_resid_lanes=2), "PARALLEL_RESID_LANES=2: expected PARALLEL_RESID_START > 0"),
+    (dict(num_layers=4, recur_layers="1,2", parallel_resid_start=2, parallel_resid_lanes=2),
+     "RECUR_LAYERS='1,2': with PARALLEL_RESID_LANES=2, expected looped blocks all below PARALLEL_RESID_START=2 or all from it"),
     (dict(attn_gate="dense"), "ATTN_GATE='dense': expected one of off, head, sparse"),
     (dict(smear_gate="learned"), "SMEAR_GATE='learned': expected one of fixed, input"),
     (dict(attn_gate="sparse", model_dim=8, num_heads=2, num_kv_heads=1), "ATTN_GATE=sparse: expected MODEL_DIM >= 12"),
@@ -265,7 +321,7 @@ def test_structure_settings_are_checked(settings, message):
 
 
 def test_the_structure_settings_are_stored_in_the_artifact():
-    names = {"recur_layers", "recur_repeats", "parallel_resid_start", "attn_gate", "smear_gate"}
+    names = {"recur_layers", "recur_repeats", "parallel_resid_start", "parallel_resid_lanes", "attn_gate", "smear_gate"}
     assert names <= set(tg.model_settings(tiny_h()))
     assert "recur_start" not in tg.MODEL_SETTINGS  # training only: the artifact holds the final structure
 
@@ -283,6 +339,7 @@ def test_a_bad_structure_setting_stops_the_script_with_one_line(run):
 @pytest.mark.parametrize("settings", [
     dict(RECUR_LAYERS="0", RECUR_REPEATS="2", RECUR_START="0.5"),
     dict(PARALLEL_RESID_START="1"),
+    dict(PARALLEL_RESID_START="1", PARALLEL_RESID_LANES="2"),
     dict(ATTN_GATE="head"),
     dict(ATTN_GATE="sparse"),
     dict(SMEAR_GATE="input"),
@@ -296,8 +353,8 @@ def test_each_setting_changes_the_score(run, plain_run, settings):
 
 def test_an_artifact_of_every_setting_rescores_to_the_same_lines(run):
     """The structure comes from the artifact: re-scoring without the settings rebuilds the same model."""
-    settings = dict(NUM_LAYERS="3", RECUR_LAYERS="0,1", RECUR_START="0.4", PARALLEL_RESID_START="2", ATTN_GATE="sparse",
-                    SMEAR_GATE="input")
+    settings = dict(NUM_LAYERS="3", RECUR_LAYERS="0,1", RECUR_START="0.4", PARALLEL_RESID_START="2", PARALLEL_RESID_LANES="2",
+                    ATTN_GATE="sparse", SMEAR_GATE="input")
     trained = run(RUN_ID="on", **settings)
     assert trained.returncode == 0, trained.stderr
     assert re.search(r"^recurrence: on from step:8 ", trained.stdout, re.M)
