@@ -45,7 +45,8 @@ class Hyperparameters:
     The defaults are the 1.1271 record run (PR #287: 11 layers, XSA on the last 4, EMA 0.997) except
     where measured better (bench/RESULTS.md): LOGIT_SOFTCAP 20 (30), QK_GAIN_INIT 4.0 (1.5),
     RESIDUAL_DTYPE bf16 (fp32), the export: GPTQ with int5 block matrices (int6 with a clip search), and
-    the evaluation: score-first TTT with LoRA adapters (TTT_MODE lora, TTT_LR 0.003, TTT_CONTEXT stream);
+    the evaluation: score-first TTT with LoRA adapters (TTT_MODE lora, TTT_LR 0.003, TTT_CONTEXT stream,
+    TTT_LORA_TARGETS all six projections);
     ROPE_BASE is the record's effective base at 2048, written out."""
 
     # ---- data and run

@@ -302,7 +302,6 @@ def test_the_runs_ttt_score_is_the_rescore_of_its_artifact(run):
     assert sum(n for *_, n in sliding) / sum(t for _, t, _, _ in sliding) == pytest.approx(loss, abs=1e-8)
 
 
-
 def test_by_default_the_score_is_lora_ttt_with_the_streams_context(run):
     """With TTT_MODE unset, the run scores with score-first LoRA TTT in the stream's context at rate 0.003,
     with adapters on all six projections, and that is the score records/ reads from its log."""
