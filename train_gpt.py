@@ -2555,6 +2555,7 @@ def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
 
 
 FAST_ZSTD_LEVEL = 3  # for estimates; the artifact itself is always compressed at ZSTD_LEVEL
+FIT_TRIES, FIT_SLACK = 8, 2048  # fit_to_budget: level-22 compressions at most, and bytes left unused at most
 
 
 def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
@@ -2641,7 +2642,9 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
     """The compressed artifact, at most `budget` bytes: if needed, quantized +-1 values are set to 0,
     cheapest first (PR #609). The cost of zeroing one is the rise in its squared rounding error,
     weighted by its input's Hessian diagonal where there is one. The count is searched with a fast
-    zstd level scaled to level 22, then checked at level 22. Returns (artifact, values zeroed)."""
+    zstd level scaled to level 22, then narrowed at level 22: the fast level's estimate runs high once
+    values are zeroed (level 22 packs the zeros better), so it alone zeroes too many. Returns (artifact,
+    values zeroed)."""
     blob = compress(pack_artifact(state, formats, quantized, config))
     if len(blob) <= budget:
         return blob, 0
@@ -2663,7 +2666,8 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
     fast_level = FAST_ZSTD_LEVEL
     ratio = len(blob) / len(artifact(0, fast_level))
     lo, hi = 0, len(order)
-    while hi - lo > max(1, len(order) // 2000):  # bisect on the fast estimate
+    tolerance = max(1, len(order) // 2000)
+    while hi - lo > tolerance:  # bisect on the fast estimate
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if len(artifact(mid, fast_level)) * ratio <= budget else (mid, hi)
     k = hi
@@ -2672,6 +2676,21 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
             raise RunError(f"the artifact cannot fit {budget} bytes even with all {k} quantized +-1 values zeroed "
                            f"(it is {len(blob) - budget} bytes over before pruning): lower MLP_BITS or ATTN_BITS")
         k = min(len(order), k + max(1000, k // 20))
+    # Regula falsi on the level-22 sizes between a count known to be over (lo) and one that fits (k), with
+    # the Illinois step (a side kept twice weighs half), until the artifact is within FIT_SLACK bytes of
+    # the budget or FIT_TRIES compressions are spent; `packed` always fits.
+    lo, excess, spare, kept = 0, len(blob) - budget, budget - len(packed), None
+    for _ in range(FIT_TRIES):
+        if k - lo <= tolerance or budget - len(packed) <= FIT_SLACK:
+            break
+        guess = min(max(lo + math.ceil((k - lo) * excess / (excess + spare)), lo + 1), k - 1)
+        trial = artifact(guess, ZSTD_LEVEL)
+        if len(trial) <= budget:
+            k, packed, spare = guess, trial, budget - len(trial)
+            excess, kept = (excess / 2 if kept == "lo" else excess), "lo"
+        else:
+            lo, excess = guess, len(trial) - budget
+            spare, kept = (spare / 2 if kept == "fit" else spare), "fit"
     return packed, k
 
 
