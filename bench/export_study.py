@@ -1,5 +1,5 @@
 """Export study (bench/RESULTS.md, "The export"): the normal run of train_gpt.py with its settings from the environment, then the
-same post-average checkpoint exported with GPTQ-lite, round to nearest and the export settings of docs/EXPORT.md;
+same post-average checkpoint exported with the export settings of docs/EXPORT.md and the embeddings' other widths;
 bytes and sliding-window quantization gaps.
 
     DATA_PATH=... TOKENIZER_PATH=... <proxy settings> python3 bench/export_study.py
@@ -22,13 +22,13 @@ def variants(log_, evaluator, h_):
     state, formats, hessians = {k: v.clone() for k, v in export.state.items()}, export.formats, export.hessians  # on the CPU the state shares the model's storage, which each variant reloads
     code = tg.CODE_BYTES
     device = "cuda" if tg.torch.cuda.is_available() else "cpu"
-    # The export settings of docs/EXPORT.md, each on the same checkpoint and Hessians (GPTQ_EMBED variants
-    # need a run with GPTQ_EMBED=1, whose Hessians include the embeddings').
-    study = [dict(quant_method="gptq_lite"), dict(quant_method="rtn"), dict(clip="std"), dict(lqer_rank=4),
-             dict(embed_bits=7), dict(embed_bits=6), dict(clip="std", lqer_rank=4, embed_bits=7),
+    # The export settings of docs/EXPORT.md, each on the same checkpoint and Hessians, and the embeddings'
+    # other widths; from a run with GPTQ_EMBED=1 (whose Hessians include the embeddings') also without it.
+    widths = [b for b in (6, 7, 8) if b != h.embed_bits]
+    study = [dict(clip="std"), dict(lqer_rank=4),
+             *(dict(embed_bits=b) for b in widths), dict(clip="std", lqer_rank=4, embed_bits=7),
              dict(fit_method="cheapest", lqer_rank=4)]
-    if "tok_emb.weight" in hessians:
-        study += [dict(gptq_embed=True, embed_bits=7), dict(gptq_embed=True, embed_bits=6, clip="std", lqer_rank=4)]
+    study += [dict(gptq_embed=False)] if h.gptq_embed else []
     for settings in study:
         hm = dataclasses.replace(h, **settings)
         hm.validate()
