@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Download the published challenge data (tokenized FineWeb shards and tokenizer) from Hugging Face.
 
-    python data/cached_challenge_fineweb.py --variant sp1024                   # validation + 80 training shards
-    python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 1  # a quick start
-    python data/cached_challenge_fineweb.py --variant sp1024 --with-docs       # also the raw documents
+    python data/cached_challenge_fineweb.py                                    # sp4096: validation + 80 training shards
+    python data/cached_challenge_fineweb.py --train-shards 1                   # a quick start
+    python data/cached_challenge_fineweb.py --variant sp1024 --with-docs       # the official sp1024, and its raw documents
 
-Source: the dataset repository willdepueoai/parameter-golf, folder datasets/, driven by its manifest.json:
+Source: a dataset repository's folder datasets/, driven by its manifest.json; by default the one that holds
+the variant (sp1024: the official willdepueoai/parameter-golf; sp4096 and sp8192: kevclark/parameter-golf):
     manifest.json                              "datasets": [{"name": "fineweb10B_<variant>", "tokenizer_name": T,
                                                              "stats": {"files_train": N, "files_val": M, ...}}],
                                                "tokenizers": [{"name": T, "model_path": ..., "vocab_path": ...}]
@@ -15,7 +16,7 @@ Source: the dataset repository willdepueoai/parameter-golf, folder datasets/, dr
     tokenizers/<the tokenizer's files>
     docs_selected.jsonl, docs_selected.source_manifest.json     (the documents the shards were made from)
 Each file lands at the same relative path under --output-root (default: this data/ directory), so the shards
-are where train_gpt.py looks by default (./data/datasets/fineweb10B_sp1024 from the repository root).
+are where train_gpt.py looks by default (./data/datasets/fineweb10B_sp4096 from the repository root).
 
 Every file is checked, whether it was already there or just downloaded: its size against the server's (and
 against "bytes" where a dataset entry of the manifest lists {"name", "bytes"} under "files"), a shard's header
@@ -23,8 +24,7 @@ against its size (train_gpt.read_shard_header), JSON files and tokenizers by loa
 is skipped; an invalid one is downloaded again. Downloads go to <name>.part and are renamed when complete, so
 an interrupted run leaves only .part files, which the next run resumes (HTTP Range) or restarts.
 
-Other repositories of the same layout (--repo-id): kevclark/parameter-golf (sp4096, sp8192) and
-romeerp/parameter-golf-caseops-v1 (the case-transformed sp8192 with byte sidecars); see docs/VOCAB.md. A byte
+Other repositories of the same layout (--repo-id): romeerp/parameter-golf-caseops-v1 (the case-transformed sp8192 with byte sidecars); see docs/VOCAB.md. A byte
 sidecar must hold one count per token of its validation shard (checked after every run, like the files).
 
 Only the standard library is used (urllib). Set HF_ENDPOINT for a Hugging Face mirror, or --base-url for any
@@ -52,7 +52,9 @@ import train_gpt  # noqa: E402
 from data.build_shards import exit_status, load_tokenizer  # noqa: E402
 from train_gpt import DataError  # noqa: E402
 
-DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+DEFAULT_VARIANT = "sp4096"          # train_gpt.py's default data
+OFFICIAL_REPO_ID = "willdepueoai/parameter-golf"
+VARIANT_REPO_IDS = {"sp1024": OFFICIAL_REPO_ID, "sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
 REMOTE_ROOT = "datasets"            # folder of the dataset repository that holds manifest.json
 DEFAULT_TRAIN_SHARDS = 80           # 8B training tokens, more than a 600 s run reads
 DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")
@@ -310,13 +312,14 @@ def download(variant: str, train_shards: int, with_docs: bool, output_root: Path
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See data/README.md.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="sp1024", help="tokenizer variant listed in the manifest, e.g. sp1024 (default)")
+    p.add_argument("--variant", default=DEFAULT_VARIANT, help="tokenizer variant listed in the manifest (default %(default)s)")
     p.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
                    help="training shards to fetch, the first N (default %(default)s; 100M tokens each)")
     p.add_argument("--with-docs", action="store_true", help="also fetch docs_selected.jsonl, the raw documents")
     p.add_argument("--output-root", type=Path, default=Path(__file__).resolve().parent,
                    help="where datasets/ and tokenizers/ go (default: this data/ directory)")
-    p.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="Hugging Face dataset repository (default %(default)s)")
+    p.add_argument("--repo-id", help="Hugging Face dataset repository (default: the variant's, "
+                                     + ", ".join(f"{v}: {r}" for v, r in VARIANT_REPO_IDS.items()) + f"; others: {OFFICIAL_REPO_ID})")
     p.add_argument("--base-url", help="fetch from here instead of Hugging Face: the folder holding manifest.json, "
                                       "as an http(s) URL, a file:// URL or a local directory")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a connection or data (default %(default)s)")
@@ -324,7 +327,7 @@ def main(argv=None) -> int:
 
     def command():
         download(args.variant, args.train_shards, args.with_docs, args.output_root,
-                 make_source(args.base_url, args.repo_id, args.timeout))
+                 make_source(args.base_url, args.repo_id or VARIANT_REPO_IDS.get(args.variant, OFFICIAL_REPO_ID), args.timeout))
     return exit_status(command)
 
 

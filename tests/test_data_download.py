@@ -3,6 +3,7 @@ loopback HTTP server (127.0.0.1); never the network."""
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,18 @@ def test_default_source_is_hugging_face_or_hf_endpoint(monkeypatch):
     assert dl.make_source(None, "a/b", 5).location("x.bin") == "https://mirror.example/datasets/a/b/resolve/main/datasets/x.bin"
     with pytest.raises(dl.DownloadError, match="no manifest.json"):
         dl.make_source("/nonexistent/folder", "a/b", 5)
+
+
+def test_by_default_each_variant_comes_from_the_repository_that_holds_it(tmp_path, capsys, monkeypatch):
+    # train_gpt.py's default data, sp4096, is not in the official repository; sp1024 is. The default
+    # variant is the data train_gpt.py reads by default, at the path it reads from.
+    h = dl.train_gpt.Hyperparameters()
+    assert (f"fineweb10B_{dl.DEFAULT_VARIANT}", f"sp{h.vocab_size}") == (Path(h.data_path).name, dl.DEFAULT_VARIANT)
+    assert Path(h.tokenizer_path).name == f"fineweb_{h.vocab_size}_bpe.model"
+    with closed_port_url() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        for args, repo in [([], "kevclark/parameter-golf"), (["--variant", "sp8192"], "kevclark/parameter-golf"),
+                           (["--variant", "sp1024"], "willdepueoai/parameter-golf"),
+                           (["--variant", "sp1024", "--repo-id", "a/b"], "a/b")]:
+            assert dl.main([*args, "--output-root", str(tmp_path / "data")]) == 2
+            assert f"could not reach {url}/datasets/{repo}/resolve/main/datasets/manifest.json" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_export_formats():
     big = tg.SMALL_TENSOR_NUMEL + 1
     assert tg.export_format(h, "attn", big) == tg.Format("int", 5, 1.0)
     assert tg.export_format(h, "mlp", big) == tg.Format("int", 4, 1.0)
-    assert tg.export_format(h, "embed", big) == tg.Format("int", 8, tg.EMBED_CLIP_QUANTILE)
+    assert tg.export_format(h, "embed", big) == tg.Format("int", 6, tg.EMBED_CLIP_QUANTILE)  # EMBED_BITS, 6 by default
     assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL) == tg.Format("fp16")
     assert tg.export_format(h, "control", big) == tg.Format("fp32")
 

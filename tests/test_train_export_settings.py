@@ -37,7 +37,7 @@ def test_std_clip_is_k_row_standard_deviations():
     h = tiny_h(clip="std", quant_method="rtn", clip_std_k_attn=3.0, clip_std_k_mlp=4.0, clip_std_k_embed=5.0)
     big = tg.SMALL_TENSOR_NUMEL + 1
     assert [tg.export_format(h, role, big) for role in ("attn", "mlp", "embed", "proj")] == [
-        tg.Format("int", 5, 3.0), tg.Format("int", 5, 4.0), tg.Format("int", 8, 5.0), tg.Format("int", 8, 3.0)]
+        tg.Format("int", 5, 3.0), tg.Format("int", 5, 4.0), tg.Format("int", h.embed_bits, 5.0), tg.Format("int", 8, 3.0)]
     q, scale = tg.quantize_state({"w": w}, {"w": tg.Format("int", 6, 3.0)}, h, {})["w"]
     expected_scale = tg.std_scales(w, 6, 3.0)
     assert torch.equal(scale, expected_scale)
@@ -71,7 +71,7 @@ def test_layer_bits_set_each_blocks_width():
             assert torch.equal(q, tg.quantize_rows(export.state[name], bits)[0])
     assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL + 1, 2) == tg.Format("int", 2, 1.0)
     assert tg.export_format(h, "attn", tg.SMALL_TENSOR_NUMEL + 1) == tg.Format("int", 5, 1.0)  # outside a block: ATTN_BITS
-    assert tg.export_format(h, "embed", tg.SMALL_TENSOR_NUMEL + 1, 1) == tg.Format("int", 8, tg.EMBED_CLIP_QUANTILE)
+    assert tg.export_format(h, "embed", tg.SMALL_TENSOR_NUMEL + 1, 1) == tg.Format("int", h.embed_bits, tg.EMBED_CLIP_QUANTILE)
 
 
 # ---- LQER
@@ -158,7 +158,7 @@ def test_gptq_embed_rounds_the_bigram_table_against_its_projection():
     P = model.bigram.proj.weight.detach()
     torch.testing.assert_close(hessians["bigram.embed.weight"], P.T @ P * (48 / 600))
     assert "bigram.embed.weight" not in tg.collect_hessians(model, [(x, x)], tiny_h(quant_method="gptq", bigram_vocab_size=600,
-                                                                                       bigram_dim=128), CpuRuntime())
+                                                                                       bigram_dim=128, gptq_embed=False), CpuRuntime())
     state = {k: v.detach() for k, v in model.state_dict().items()}
     routes = tg.route_parameters(model)
     formats = {k: tg.export_format(h, routes[k], v.numel()) for k, v in state.items()}

@@ -123,10 +123,10 @@ def test_gptq_rounds_the_tied_embedding_against_its_output_inputs():
     from test_train_eval import CpuRuntime
     from test_train_model import tiny_h
     torch.manual_seed(0)
-    h = tiny_h(quant_method="gptq", embed_bits=7, vocab_size=1100)  # 1100 x 64 > SMALL_TENSOR_NUMEL: exported as integers
+    h = tiny_h(quant_method="gptq", embed_bits=7, vocab_size=1100, gptq_embed=False)  # 1100 x 64 > SMALL_TENSOR_NUMEL: integers
     model = tg.build_model(h)
     x = torch.randint(0, 1100, (2, 1, 32))
-    assert "tok_emb.weight" not in tg.collect_hessians(model, [(x, x)], h, CpuRuntime())  # off by default: round to nearest
+    assert "tok_emb.weight" not in tg.collect_hessians(model, [(x, x)], h, CpuRuntime())  # GPTQ_EMBED=0: round to nearest
     h = tiny_h(quant_method="gptq", embed_bits=7, vocab_size=1100, gptq_embed=True)
     hessians = tg.collect_hessians(model, [(x, x)], h, CpuRuntime())
     assert hessians["tok_emb.weight"].shape == (64, 64)
@@ -144,3 +144,7 @@ def test_gptq_rounds_the_tied_embedding_against_its_output_inputs():
     error = lambda q: (inputs @ (q - w).T).square().sum().item()
     assert error(gptq) < 0.9 * error(rtn)
     assert tg.Hyperparameters.from_env({"EMBED_BITS": "7"}).embed_bits == 7  # allowed (2..8)
+    # By default (the sp4096 stack) the tied embedding is int6, rounded by GPTQ.
+    h = tiny_h(vocab_size=1100)
+    assert "tok_emb.weight" in tg.collect_hessians(model, [(x, x)], h, CpuRuntime())
+    assert tg.export_format(h, tg.route_parameters(model)["tok_emb.weight"], w.numel()) == tg.Format("int", 6, tg.EMBED_CLIP_QUANTILE)
