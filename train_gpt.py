@@ -9,6 +9,7 @@ Pipeline: settings -> data -> metric -> model -> optimisers -> averaging -> quan
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import copy
@@ -2557,7 +2558,7 @@ def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
 
 
 FAST_ZSTD_LEVEL = 3  # for estimates; the artifact itself is always compressed at ZSTD_LEVEL
-FIT_TRIES, FIT_SLACK = 8, 2048  # fit_to_budget: level-22 compressions at most, and bytes left unused at most
+FIT_TRIES, FIT_SLACK = 6, 2048  # fit_to_budget: level-22 compressions at most, and bytes left unused at most
 
 
 def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
@@ -2643,10 +2644,11 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
                   config: dict, hessians: dict[str, Tensor], budget: int) -> tuple[bytes, int]:
     """The compressed artifact, at most `budget` bytes: if needed, quantized +-1 values are set to 0,
     cheapest first (PR #609). The cost of zeroing one is the rise in its squared rounding error,
-    weighted by its input's Hessian diagonal where there is one. The count is searched with a fast
-    zstd level scaled to level 22, then narrowed at level 22: the fast level's estimate runs high once
-    values are zeroed (level 22 packs the zeros better), so it alone zeroes too many. Returns (artifact,
-    values zeroed)."""
+    weighted by its input's Hessian diagonal where there is one. The count is bisected on sizes at a
+    fast zstd level times the ratio of level 22's size to the fast level's; that ratio changes as values
+    are zeroed (level 22 packs the zeros better), so each count tried at level 22 adds a measured ratio
+    (linear in between) and the bisection runs again, until the artifact fits within FIT_SLACK bytes or
+    FIT_TRIES level-22 compressions are spent. Returns (artifact, values zeroed)."""
     blob = compress(pack_artifact(state, formats, quantized, config))
     if len(blob) <= budget:
         return blob, 0
@@ -2665,35 +2667,49 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
                 pruned[name] = (q, pruned[name][1])
         return compress(pack_artifact(state, formats, pruned, config), level)
 
-    fast_level = FAST_ZSTD_LEVEL
-    ratio = len(blob) / len(artifact(0, fast_level))
-    lo, hi = 0, len(order)
+    fast_sizes = {}
+    fast = lambda k: fast_sizes[k] if k in fast_sizes else fast_sizes.setdefault(k, len(artifact(k, FAST_ZSTD_LEVEL)))
+    ratios = {0: len(blob) / fast(0)}  # level 22's size over the fast level's, at the counts measured
+
+    def estimate(k: int) -> float:
+        known = sorted(ratios)
+        i = bisect.bisect_right(known, k)
+        if i == len(known):
+            return fast(k) * ratios[known[-1]]
+        a, b = known[i - 1], known[i]
+        return fast(k) * (ratios[a] + (ratios[b] - ratios[a]) * (k - a) / (b - a))
+
+    def cannot_fit() -> RunError:
+        return RunError(f"the artifact cannot fit {budget} bytes even with all {len(order)} quantized +-1 values zeroed "
+                        f"(it is {len(blob) - budget} bytes over before pruning): lower MLP_BITS or ATTN_BITS")
+
     tolerance = max(1, len(order) // 2000)
-    while hi - lo > tolerance:  # bisect on the fast estimate
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if len(artifact(mid, fast_level)) * ratio <= budget else (mid, hi)
-    k = hi
-    while len(packed := artifact(k, ZSTD_LEVEL)) > budget:
-        if k == len(order):
-            raise RunError(f"the artifact cannot fit {budget} bytes even with all {k} quantized +-1 values zeroed "
-                           f"(it is {len(blob) - budget} bytes over before pruning): lower MLP_BITS or ATTN_BITS")
-        k = min(len(order), k + max(1000, k // 20))
-    # Regula falsi on the level-22 sizes between a count known to be over (lo) and one that fits (k), with
-    # the Illinois step (a side kept twice weighs half), until the artifact is within FIT_SLACK bytes of
-    # the budget or FIT_TRIES compressions are spent; `packed` always fits.
-    lo, excess, spare, kept = 0, len(blob) - budget, budget - len(packed), None
+    lo, hi, packed = 0, len(order), None  # lo: over the budget at level 22; hi: fits (once packed is set)
     for _ in range(FIT_TRIES):
-        if k - lo <= tolerance or budget - len(packed) <= FIT_SLACK:
+        a, b = lo, hi
+        while b - a > tolerance:
+            mid = (a + b) // 2
+            a, b = (a, mid) if estimate(mid) <= budget - FIT_SLACK // 2 else (mid, b)  # aim inside the slack
+        if b == hi and packed is not None:
             break
-        guess = min(max(lo + math.ceil((k - lo) * excess / (excess + spare)), lo + 1), k - 1)
-        trial = artifact(guess, ZSTD_LEVEL)
+        trial = artifact(b, ZSTD_LEVEL)
+        ratios[b] = len(trial) / fast(b)
         if len(trial) <= budget:
-            k, packed, spare = guess, trial, budget - len(trial)
-            excess, kept = (excess / 2 if kept == "lo" else excess), "lo"
+            hi, packed = b, trial
+            if budget - len(trial) <= FIT_SLACK:
+                break
+        elif b == len(order):
+            raise cannot_fit()
         else:
-            lo, excess = guess, len(trial) - budget
-            spare, kept = (spare / 2 if kept == "fit" else spare), "fit"
-    return packed, k
+            lo = b
+    while packed is None:  # every try was over: step up from the last
+        hi = min(len(order), lo + max(1000, lo // 20))
+        if len(trial := artifact(hi, ZSTD_LEVEL)) <= budget:
+            packed = trial
+        elif hi == len(order):
+            raise cannot_fit()
+        lo = hi
+    return packed, hi
 
 
 def export_artifact(export: Export, h: Hyperparameters, path: Path, budget: int) -> tuple[int, int, list[str]]:

@@ -84,8 +84,9 @@ def test_size_target_prunes_cheapest_ones_until_it_fits():
 
 
 def test_size_target_zeroes_no_more_than_the_budget_needs():
-    # 2% over: the fast level's estimate alone zeroes half as many values again as needed (65,588 against
-    # 42,483, 11,008 bytes left unused); narrowed at level 22, the artifact ends within FIT_SLACK bytes.
+    # 2% over: the fast level's sizes scaled by their first ratio to level 22's zero half as many values
+    # again as needed (65,588 against about 43,600; 11,008 bytes left unused); with a ratio measured at
+    # each count tried, the artifact ends within FIT_SLACK bytes of the budget.
     state, formats, quantized = random_export(5)
     full = len(tg.compress(tg.pack_artifact(state, formats, quantized, {})))
     budget = full - full // 50
