@@ -9,11 +9,11 @@ Pipeline: settings -> data -> metric -> model -> optimisers -> averaging -> quan
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import copy
 import difflib
+import functools
 import gc
 import glob
 import json
@@ -2667,17 +2667,12 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
                 pruned[name] = (q, pruned[name][1])
         return compress(pack_artifact(state, formats, pruned, config), level)
 
-    fast_sizes = {}
-    fast = lambda k: fast_sizes[k] if k in fast_sizes else fast_sizes.setdefault(k, len(artifact(k, FAST_ZSTD_LEVEL)))
+    fast = functools.cache(lambda k: len(artifact(k, FAST_ZSTD_LEVEL)))
     ratios = {0: len(blob) / fast(0)}  # level 22's size over the fast level's, at the counts measured
 
-    def estimate(k: int) -> float:
+    def estimate(k: int) -> float:  # the ratio linear between the counts measured, flat beyond the last
         known = sorted(ratios)
-        i = bisect.bisect_right(known, k)
-        if i == len(known):
-            return fast(k) * ratios[known[-1]]
-        a, b = known[i - 1], known[i]
-        return fast(k) * (ratios[a] + (ratios[b] - ratios[a]) * (k - a) / (b - a))
+        return fast(k) * float(np.interp(k, known, [ratios[c] for c in known]))
 
     def cannot_fit() -> RunError:
         return RunError(f"the artifact cannot fit {budget} bytes even with all {len(order)} quantized +-1 values zeroed "

@@ -24,8 +24,9 @@ against its size (train_gpt.read_shard_header), JSON files and tokenizers by loa
 is skipped; an invalid one is downloaded again. Downloads go to <name>.part and are renamed when complete, so
 an interrupted run leaves only .part files, which the next run resumes (HTTP Range) or restarts.
 
-Other repositories of the same layout (--repo-id): romeerp/parameter-golf-caseops-v1 (the case-transformed sp8192 with byte sidecars); see docs/VOCAB.md. A byte
-sidecar must hold one count per token of its validation shard (checked after every run, like the files).
+Other repositories of the same layout (--repo-id): romeerp/parameter-golf-caseops-v1 (the case-transformed
+sp8192 with byte sidecars); see docs/VOCAB.md. A byte sidecar must hold one count per token of its validation
+shard (checked after every run, like the files).
 
 Only the standard library is used (urllib). Set HF_ENDPOINT for a Hugging Face mirror, or --base-url for any
 other copy: an http(s) URL, a local directory or a file:// URL of a folder laid out as above.

@@ -90,7 +90,7 @@ def test_size_target_zeroes_no_more_than_the_budget_needs():
     state, formats, quantized = random_export(5)
     full = len(tg.compress(tg.pack_artifact(state, formats, quantized, {})))
     budget = full - full // 50
-    blob, zeroed = tg.fit_to_budget(state, formats, quantized, {}, {}, budget)
+    blob, _ = tg.fit_to_budget(state, formats, quantized, {}, {}, budget)
     assert budget - tg.FIT_SLACK <= len(blob) <= budget
 
 
