@@ -2566,8 +2566,9 @@ def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, Format], qua
     """The ways to save bytes a whole tensor at a time, each (damage, bytes saved, name): dropping the
     low-rank correction of `name`, or narrowing the integer matrix `name` (without a correction) by one
     bit, rounded to nearest at its row max. Damage is the rise of rounding_damage; the bytes are the
-    values and scales compressed alone at FAST_ZSTD_LEVEL."""
-    size = lambda q, scale: len(compress(q.numpy().tobytes() + scale.numpy().tobytes(), FAST_ZSTD_LEVEL))
+    values and scales compressed alone at ZSTD_LEVEL (a fast level sees about 0.6 of the savings of
+    narrowing a real matrix, and 0.4 of those of zeroing its +-1 values: bench/RESULTS.md)."""
+    size = lambda q, scale: len(compress(q.numpy().tobytes() + scale.numpy().tobytes()))
     corrected = {n[:-len(LQER_SUFFIXES[0])] for n in quantized if n.endswith(LQER_SUFFIXES[0])}
     moves = []
     for name, (q, scale) in quantized.items():
@@ -2590,17 +2591,15 @@ def cheapest_whole_moves(state: dict[str, Tensor], formats: dict[str, Format], q
     """FIT_METHOD=cheapest: the whole-tensor moves (whole_tensor_moves) whose damage per byte is below that
     of zeroing ±1 values, taken in that order while the artifact is over `budget`; fit_to_budget zeroes ±1
     values for the rest. The ±1 rate: the summed cost of the cheapest ±1 values that close the gap, over
-    the gap, at their mean bytes a value (measured by zeroing them all). Returns the state, formats and
-    integers after the moves, and the moves ("narrowed <name> to intN", "dropped <name>'s correction")."""
-    container = pack_artifact(state, formats, quantized, config)
-    over = len(compress(container)) - budget
+    the gap, at their mean bytes a value (plus_minus_one_bytes). Returns the state, formats and integers
+    after the moves, and the moves ("narrowed <name> to intN", "dropped <name>'s correction")."""
+    full = len(compress(pack_artifact(state, formats, quantized, config)))
+    over = full - budget
     if over <= 0:
         return state, formats, quantized, []
-    costs, places = plus_minus_one_costs(state, quantized, hessians)
+    costs, _ = plus_minus_one_costs(state, quantized, hessians)
     cumulative = torch.cat(costs).sort().values.double().cumsum(0)
-    zeroed = {name: (q.masked_fill(q.abs() == 1, 0), scale) for name, (q, scale) in quantized.items() if not name.endswith(LQER_SUFFIXES)}
-    fast = lambda qz: len(compress(pack_artifact(state, formats, qz, config), FAST_ZSTD_LEVEL))
-    per_value = max(fast(quantized) - fast(quantized | zeroed), 1) / max(len(cumulative), 1)
+    per_value = plus_minus_one_bytes(state, formats, quantized, config, full)
     state, formats, quantized, applied = dict(state), dict(formats), dict(quantized), []
     for damage, saved, name in sorted(whole_tensor_moves(state, formats, quantized, hessians), key=lambda m: m[0] / m[1]):
         if over <= 0:
@@ -2619,6 +2618,15 @@ def cheapest_whole_moves(state: dict[str, Tensor], formats: dict[str, Format], q
             applied.append(f"narrowed {name} to int{bits}")
         over -= saved
     return state, formats, quantized, applied
+
+
+def plus_minus_one_bytes(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
+                         config: dict, full: int) -> float:
+    """The artifact's bytes saved per quantized +-1 value zeroed, on average over all of them: `full` (the
+    artifact's size) less its size with every one zeroed, both at ZSTD_LEVEL, over their count."""
+    zeroed = {name: (q.masked_fill(q.abs() == 1, 0), scale) for name, (q, scale) in quantized.items() if not name.endswith(LQER_SUFFIXES)}
+    count = sum(int((quantized[name][0].abs() == 1).sum()) for name in zeroed)
+    return max(full - len(compress(pack_artifact(state, formats, quantized | zeroed, config))), 1) / max(count, 1)
 
 
 def plus_minus_one_costs(state: dict[str, Tensor], quantized: dict[str, tuple[Tensor, Tensor]],

@@ -268,7 +268,7 @@ def test_whole_tensor_moves_are_measured_directly():
     state, formats, quantized = two_corrected_matrices()
     moves = {name: (damage, saved) for damage, saved, name in tg.whole_tensor_moves(state, formats, quantized, {})}
     assert moves.keys() == {"m0", "m1"}  # both corrected: their move is dropping the correction
-    size = lambda q, s: len(tg.compress(q.numpy().tobytes() + s.numpy().tobytes(), tg.FAST_ZSTD_LEVEL))
+    size = lambda q, s: len(tg.compress(q.numpy().tobytes() + s.numpy().tobytes()))  # at the artifact's level
     for name in ("m0", "m1"):
         plain = state[name] - tg.dequantize_rows(*quantized[name])
         a, b = (tg.dequantize_rows(*quantized[name + s]) for s in tg.LQER_SUFFIXES)
@@ -280,6 +280,15 @@ def test_whole_tensor_moves_are_measured_directly():
     narrow = tg.quantize_rows(state["m0"], 7)  # without a correction: one bit narrower
     direct = (state["m0"] - tg.dequantize_rows(*narrow)).square().sum() - (state["m0"] - tg.dequantize_rows(*quantized["m0"])).square().sum()
     assert damage == pytest.approx(direct.item(), rel=1e-4) and saved == size(*quantized["m0"]) - size(*narrow)
+
+
+def test_the_price_of_zeroing_plus_minus_one_values_is_measured_at_the_artifacts_level():
+    state, formats, quantized = two_corrected_matrices()
+    full = len(tg.compress(tg.pack_artifact(state, formats, quantized, {})))
+    ones = {n: q.abs() == 1 for n, (q, _) in quantized.items() if not n.endswith(tg.LQER_SUFFIXES)}
+    zeroed = quantized | {n: (quantized[n][0].masked_fill(m, 0), quantized[n][1]) for n, m in ones.items()}
+    saved = full - len(tg.compress(tg.pack_artifact(state, formats, zeroed, {})))
+    assert tg.plus_minus_one_bytes(state, formats, quantized, {}, full) == saved / sum(int(m.sum()) for m in ones.values())
 
 
 def test_cheapest_fit_gives_up_the_correction_that_buys_least_before_any_ones(tmp_path):
