@@ -2624,8 +2624,9 @@ def plus_minus_one_bytes(state: dict[str, Tensor], formats: dict[str, Format], q
                          config: dict, full: int) -> float:
     """The artifact's bytes saved per quantized +-1 value zeroed, on average over all of them: `full` (the
     artifact's size) less its size with every one zeroed, both at ZSTD_LEVEL, over their count."""
-    zeroed = {name: (q.masked_fill(q.abs() == 1, 0), scale) for name, (q, scale) in quantized.items() if not name.endswith(LQER_SUFFIXES)}
-    count = sum(int((quantized[name][0].abs() == 1).sum()) for name in zeroed)
+    ones = {name: q.abs() == 1 for name, (q, _) in quantized.items() if not name.endswith(LQER_SUFFIXES)}
+    zeroed = {name: (quantized[name][0].masked_fill(mask, 0), quantized[name][1]) for name, mask in ones.items()}
+    count = sum(int(mask.sum()) for mask in ones.values())
     return max(full - len(compress(pack_artifact(state, formats, quantized | zeroed, config))), 1) / max(count, 1)
 
 
