@@ -45,10 +45,10 @@ class Hyperparameters:
     """Each attribute is read once from the environment variable of the same name, upper-cased.
     The defaults are the 1.1271 record run (PR #287: 11 layers, XSA on the last 4, EMA 0.997) except
     where measured better (bench/RESULTS.md): the sp4096 vocabulary (sp1024), LOGIT_SOFTCAP 20 (30),
-    QK_GAIN_INIT 4.0 (1.5), RESIDUAL_DTYPE bf16 (fp32), the export: GPTQ with int5 block matrices (int6
-    with a clip search) and GPTQ int6 embeddings (int8 round to nearest), and
-    the evaluation: score-first TTT with LoRA adapters (TTT_MODE lora, TTT_LR 0.003, TTT_CONTEXT stream,
-    TTT_LORA_TARGETS all six projections);
+    QK_GAIN_INIT 4.0 (1.5), RESIDUAL_DTYPE bf16 (fp32), PARALLEL_RESID_START 7 (off: blocks 7-10 run
+    attention and MLP in parallel), the export: GPTQ with int5 block matrices (int6 with a clip search)
+    and GPTQ int6 embeddings (int8 round to nearest), and the evaluation: score-first TTT with LoRA
+    adapters (TTT_MODE lora, TTT_LR 0.003, TTT_CONTEXT stream, TTT_LORA_TARGETS all six projections);
     ROPE_BASE is the record's effective base at 2048, written out."""
 
     # ---- data and run
@@ -82,7 +82,7 @@ class Hyperparameters:
     # Structure of the later records, off by default (docs/MODEL.md):
     recur_layers: str = ""           # blocks run again after their first pass, e.g. "4,5"
     recur_repeats: int = 1           # extra passes of RECUR_LAYERS (shared weights)
-    parallel_resid_start: int = 0    # attn and MLP read one input from this block; 0 = off
+    parallel_resid_start: int = 7    # attn and MLP read one input from this block; 0 = off
     parallel_resid_lanes: int = 1    # 1 | 2: from PARALLEL_RESID_START, attn and MLP each read a lane of their own
     attn_gate: str = "off"           # off | head (per-head output gate) | sparse (12 inputs)
     smear_gate: str = "fixed"        # fixed (per channel) | input (shifted by x_t)

@@ -32,7 +32,7 @@ from train_gpt import DataError  # noqa: E402
 # finish well inside 5 minutes on 2 CPU cores even when other programs slow them down several times over.
 # Steps are counted, not timed (MAX_WALLCLOCK_SECONDS=0), so every machine runs the same computation and prints
 # the same numbers. WARMUP_STEPS=0: the priming steps only matter for torch.compile, which is off.
-TINY_MODEL = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, XSA_LAST_N=2,
+TINY_MODEL = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, XSA_LAST_N=2, PARALLEL_RESID_START=3,
                   BIGRAM_VOCAB_SIZE=512, BIGRAM_DIM=32)
 TINY_RUN = dict(ITERATIONS=150, TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=256, GRAD_ACCUM_STEPS=1, WARMUP_STEPS=0,
                 WARMDOWN_ITERS=50, MAX_WALLCLOCK_SECONDS=0, EMA_DECAY=0.9,  # 0.997 averages over too many of 150 steps

@@ -17,7 +17,7 @@ from data.cpu_smoke_run import run_train_gpt, train_gpt_env
 
 VOCAB, VAL_DOCS, EVAL_SEQ_LEN = 384, 400, 128  # 400 documents: about 100,000 bytes, 31,000 tokens
 # Small enough for about ten seconds on 2 CPU cores, big enough to learn most of the chain in 60 steps.
-TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, XSA_LAST_N=1, BIGRAM_VOCAB_SIZE=256,
+TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, XSA_LAST_N=1, PARALLEL_RESID_START=1, BIGRAM_VOCAB_SIZE=256,
             BIGRAM_DIM=16, ITERATIONS=60, TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=128, WARMDOWN_ITERS=20,
             EVAL_SEQ_LEN=EVAL_SEQ_LEN, EVAL_STRIDE=64, VAL_LOSS_EVERY=20, TRAIN_LOG_EVERY=20, TTT_MODE="off")
 NUMBER = r"([0-9.]+)"

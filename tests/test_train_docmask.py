@@ -17,7 +17,7 @@ VOCAB, BOS = 64, tg.BOS_ID
 def tiny_h(**kw):
     base = dict(vocab_size=VOCAB, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
                 bigram_dim=16, train_seq_len=32, eval_seq_len=32, xsa_last_n=3, ve_layers="0,2", ve_dim=8,
-                rope_dims=8, doc_mask=True, attn_backend="sdpa", ttt_mode="off")
+                rope_dims=8, doc_mask=True, attn_backend="sdpa", parallel_resid_start=0, ttt_mode="off")
     return tg.Hyperparameters(**(base | kw))
 
 

@@ -17,7 +17,8 @@ VOCAB = 64
 
 def tiny_h(**kw):
     base = dict(vocab_size=VOCAB, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
-                bigram_dim=16, train_seq_len=16, eval_seq_len=16, xsa_last_n=0, rope_base=500.0, ttt_mode="off")
+                bigram_dim=16, train_seq_len=16, eval_seq_len=16, xsa_last_n=0, rope_base=500.0, parallel_resid_start=0,
+                ttt_mode="off")
     return tg.Hyperparameters(**(base | kw))
 
 
@@ -375,7 +376,7 @@ def train_tiny(shards, **kw):
                     grad_accum_steps=1, iterations=ITERATIONS, warmup_steps=WARMUP, warmdown_iters=WARMDOWN,
                     max_wallclock_seconds=0.0, val_loss_every=0, train_log_every=100, muon_momentum_warmup_steps=10,
                     quant_method="rtn", compile="0", attn_backend="sdpa", mlp_kernel="torch", qk_kernel="torch",
-                    xsa_kernel="torch", xsa_last_n=1, ttt_mode="off")
+                    xsa_kernel="torch", xsa_last_n=1, parallel_resid_start=0, ttt_mode="off")
     h = tg.Hyperparameters(**(settings | kw))
     h.validate()
     rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), compile=False,

@@ -13,7 +13,7 @@ import train_gpt as tg
 
 def tiny_h(**kw):
     base = dict(vocab_size=96, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
-                bigram_dim=16, train_seq_len=32, eval_seq_len=32, xsa_last_n=2, rope_dims=8, ttt_mode="off")
+                bigram_dim=16, train_seq_len=32, eval_seq_len=32, xsa_last_n=2, rope_dims=8, parallel_resid_start=0, ttt_mode="off")
     return tg.Hyperparameters(**(base | kw))
 
 

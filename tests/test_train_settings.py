@@ -27,7 +27,7 @@ def test_defaults_are_the_1_1271_record_run():
 def test_the_defaults_that_differ_from_the_record_are_the_ones_the_docstring_names():
     h, doc = tg.Hyperparameters(), tg.Hyperparameters.__doc__
     differ = {"LOGIT_SOFTCAP": (h.logit_softcap, 20.0, "20"), "QK_GAIN_INIT": (h.qk_gain_init, 4.0, "4.0"),
-              "RESIDUAL_DTYPE": (h.residual_dtype, "bf16", "bf16")}
+              "RESIDUAL_DTYPE": (h.residual_dtype, "bf16", "bf16"), "PARALLEL_RESID_START": (h.parallel_resid_start, 7, "7")}
     for name, (value, expected, written) in differ.items():
         assert value == expected and f"{name} {written}" in doc
     assert (h.quant_method, h.attn_bits, h.mlp_bits) == ("gptq", 5, 5) and "GPTQ with int5 block matrices" in doc

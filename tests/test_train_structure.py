@@ -80,7 +80,7 @@ def recording_run(shards, compile_backend=None, log=None, evaluator=None, **kw):
                     bigram_vocab_size=32, bigram_dim=16, train_seq_len=32, eval_seq_len=32, eval_stride=16, train_batch_tokens=128,
                     grad_accum_steps=1, iterations=12, warmup_steps=2, warmdown_iters=10, max_wallclock_seconds=0.0,
                     val_loss_every=0, train_log_every=100, quant_method="rtn", compile="0", attn_backend="sdpa",
-                    mlp_kernel="torch", qk_kernel="torch", xsa_kernel="torch", xsa_last_n=1, ttt_mode="off")
+                    mlp_kernel="torch", qk_kernel="torch", xsa_kernel="torch", xsa_last_n=1, parallel_resid_start=0, ttt_mode="off")
     h = tg.Hyperparameters(**(settings | kw))
     h.validate()
     rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), compile=compile_backend is not None,
@@ -338,7 +338,7 @@ def test_a_bad_structure_setting_stops_the_script_with_one_line(run):
 
 @pytest.mark.parametrize("settings", [
     dict(RECUR_LAYERS="0", RECUR_REPEATS="2", RECUR_START="0.5"),
-    dict(PARALLEL_RESID_START="1"),
+    dict(PARALLEL_RESID_START="0"),  # the tiny runs' PARALLEL_RESID_START=1 (the default's parallel tail) off
     dict(PARALLEL_RESID_START="1", PARALLEL_RESID_LANES="2"),
     dict(ATTN_GATE="head"),
     dict(ATTN_GATE="sparse"),
@@ -358,10 +358,10 @@ def test_an_artifact_of_every_setting_rescores_to_the_same_lines(run):
     trained = run(RUN_ID="on", **settings)
     assert trained.returncode == 0, trained.stderr
     assert re.search(r"^recurrence: on from step:8 ", trained.stdout, re.M)
-    rescored = run(RUN_ID="rescore", EVAL_ARTIFACT="logs/on.model.zst", NUM_LAYERS="3")
+    rescored = run(RUN_ID="rescore", EVAL_ARTIFACT="logs/on.model.zst", NUM_LAYERS="3", PARALLEL_RESID_START="2")
     assert rescored.returncode == 0, rescored.stderr
     assert final_lines(rescored.stdout) == final_lines(trained.stdout)
     for name, value in settings.items():
         assert name == "RECUR_START" or f" {name}={value}" in rescored.stdout
-    refused = run(RUN_ID="refused", EVAL_ARTIFACT="logs/on.model.zst", NUM_LAYERS="3", ATTN_GATE="head")
+    refused = run(RUN_ID="refused", EVAL_ARTIFACT="logs/on.model.zst", NUM_LAYERS="3", PARALLEL_RESID_START="2", ATTN_GATE="head")
     assert refused.returncode == 2 and "ATTN_GATE=head but logs/on.model.zst was trained with ATTN_GATE=sparse" in refused.stderr
