@@ -33,6 +33,10 @@ def test_a_loaded_checkpoint_studies_as_the_training_run(run, tiny_corpus):
     assert f"study checkpoint: study.pt prequant_sliding_bpb:{pre}" in second
     exact = [line for line in first.splitlines() if line.startswith("final_quant_sliding_window_exact")]
     assert exact and exact[0] in second  # the re-score of the artifact itself runs first
+    assert run(RUN_ID="other").returncode == 0  # the tiny model without WIDE's shape
+    other = run_script(run.cwd, tiny_corpus, script=STUDY, RUN_ID="mismatch", STUDY=picked, STUDY_LOAD="study.pt",
+                       EVAL_ARTIFACT="logs/other.model.zst")
+    assert other.returncode == 2 and other.stderr.strip() == "error: STUDY_LOAD=study.pt: saved from another model than logs/other.model.zst"
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -44,10 +48,12 @@ def test_a_loaded_checkpoint_studies_as_the_training_run(run, tiny_corpus):
     (dict(STUDY_LOAD="junk.pt", EVAL_ARTIFACT="logs/trained.model.zst"), "STUDY_LOAD=junk.pt: expected a checkpoint written by STUDY_SAVE"),
 ])
 def test_bad_study_settings_stop_in_one_line(run, tiny_corpus, settings, message):
-    (run.cwd / "junk.pt").write_bytes(b"not a checkpoint")
-    if "junk" in settings.get("STUDY_LOAD", ""):
+    loads_junk = settings.get("STUDY_LOAD") == "junk.pt"  # found only once the artifact is read: the others stop before the run
+    if loads_junk:
+        (run.cwd / "junk.pt").write_bytes(b"not a checkpoint")
         assert run(RUN_ID="trained").returncode == 0
     result = run_script(run.cwd, tiny_corpus, script=STUDY, RUN_ID="bad", **settings)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr, result.stderr
-    assert not list((run.cwd / "logs").glob("bad*")) if "junk" not in str(settings) else True
+    if not loads_junk:
+        assert not list((run.cwd / "logs").glob("bad*"))
