@@ -10,6 +10,7 @@ Pipeline: settings -> data -> metric -> model -> optimisers -> averaging -> quan
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import difflib
@@ -2558,7 +2559,8 @@ def compress(container: bytes, level: int = ZSTD_LEVEL) -> bytes:
 
 
 FAST_ZSTD_LEVEL = 3  # for estimates; the artifact itself is always compressed at ZSTD_LEVEL
-FIT_TRIES, FIT_SLACK = 6, 2048  # fit_to_budget: level-22 compressions at most, and bytes left unused at most
+FIT_ROUNDS, FIT_SLACK = 4, 2048  # fit_to_budget: rounds of level-22 compressions at most, and bytes left unused at most
+FIT_SPREAD = (-0.5, -0.25, 0.0, 0.25)  # a round's counts: the estimate's times 1 + these, each round's spread a quarter of the last
 
 
 def whole_tensor_moves(state: dict[str, Tensor], formats: dict[str, Format], quantized: dict[str, tuple[Tensor, Tensor]],
@@ -2656,8 +2658,10 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
     weighted by its input's Hessian diagonal where there is one. The count is bisected on sizes at a
     fast zstd level times the ratio of level 22's size to the fast level's; that ratio changes as values
     are zeroed (level 22 packs the zeros better), so each count tried at level 22 adds a measured ratio
-    (linear in between) and the bisection runs again, until the artifact fits within FIT_SLACK bytes or
-    FIT_TRIES level-22 compressions are spent. Returns (artifact, values zeroed)."""
+    (linear in between) and the bisection runs again. A round compresses the bisection's count and three
+    around it (FIT_SPREAD) at once, in threads (zstd releases the GIL): the counts depend on the sizes
+    alone, never on the machine. Rounds run until the artifact fits within FIT_SLACK bytes or FIT_ROUNDS
+    are spent. Returns (artifact, values zeroed)."""
     blob = compress(pack_artifact(state, formats, quantized, config))
     if len(blob) <= budget:
         return blob, 0
@@ -2689,24 +2693,30 @@ def fit_to_budget(state: dict[str, Tensor], formats: dict[str, Format], quantize
 
     tolerance = max(1, len(order) // 2000)
     lo, hi, packed = 0, len(order), None  # lo: over the budget at level 22; hi: fits (once packed is set)
-    for _ in range(FIT_TRIES):
+    spread = 1.0
+    for _ in range(FIT_ROUNDS):
         a, b = lo, hi
         while b - a > tolerance:
             mid = (a + b) // 2
             a, b = (a, mid) if estimate(mid) <= budget - FIT_SLACK // 2 else (mid, b)  # aim inside the slack
-        if b == hi and packed is not None:
+        counts = {min(round(b * (1 + spread * f)), len(order)) for f in FIT_SPREAD}
+        counts = sorted(k for k in counts if lo < k < hi or (k == hi and packed is None))
+        if not counts:
             break
-        trial = artifact(b, ZSTD_LEVEL)
-        ratios[b] = len(trial) / fast(b)
-        if len(trial) <= budget:
-            hi, packed = b, trial
-            if budget - len(trial) <= FIT_SLACK:
-                break
-        elif b == len(order):
+        with concurrent.futures.ThreadPoolExecutor(len(counts)) as pool:
+            trials = dict(zip(counts, pool.map(lambda k: artifact(k, ZSTD_LEVEL), counts)))
+        for k, trial in trials.items():
+            ratios[k] = len(trial) / fast(k)
+        fits = [k for k in counts if len(trials[k]) <= budget]
+        if fits:
+            hi, packed = fits[0], trials[fits[0]]
+        lo = max([lo] + [k for k in counts if k < hi and len(trials[k]) > budget])
+        if packed is None and counts[-1] == len(order):
             raise cannot_fit()
-        else:
-            lo = b
-    while packed is None:  # every try was over: step up from the last
+        if packed is not None and budget - len(packed) <= FIT_SLACK:
+            break
+        spread /= 4
+    while packed is None:  # every count tried was over: step up from the largest
         hi = min(len(order), lo + max(1000, lo // 20))
         if len(trial := artifact(hi, ZSTD_LEVEL)) <= budget:
             packed = trial

@@ -1,5 +1,8 @@
 """Export quantization: GPTQ-lite per row, full GPTQ, and the size target."""
+import random
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -92,6 +95,34 @@ def test_size_target_zeroes_no_more_than_the_budget_needs():
     budget = full - full // 50
     blob, _ = tg.fit_to_budget(state, formats, quantized, {}, {}, budget)
     assert budget - tg.FIT_SLACK <= len(blob) <= budget
+
+
+def test_size_target_compresses_a_rounds_counts_at_once_and_alike_in_any_order(monkeypatch):
+    # A round's level-22 compressions run side by side, so the fit takes a few compressions' time and
+    # not a dozen; which of them finishes first changes nothing in the artifact.
+    state, formats, quantized = random_export(5)
+    budget = len(tg.compress(tg.pack_artifact(state, formats, quantized, {}))) * 49 // 50
+    alone = tg.fit_to_budget(state, formats, quantized, {}, {}, budget)
+    real, lock, delays = tg.compress, threading.Lock(), random.Random(0)
+    running = most = 0
+
+    def slow(container, level=tg.ZSTD_LEVEL):
+        nonlocal running, most
+        if level != tg.ZSTD_LEVEL:
+            return real(container, level)
+        with lock:
+            running += 1
+            most, delay = max(most, running), delays.uniform(0.05, 0.3)
+        time.sleep(delay)
+        try:
+            return real(container, level)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(tg, "compress", slow)
+    assert tg.fit_to_budget(state, formats, quantized, {}, {}, budget) == alone
+    assert most == len(tg.FIT_SPREAD)
 
 
 def test_size_target_refuses_an_impossible_budget():
